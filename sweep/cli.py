@@ -1,0 +1,154 @@
+"""`sweep run | validate | status | list`.
+
+A bad sweep file exits with status 2 and a message naming the file, the field and what is
+allowed, before Ray is imported, let alone started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _load(path: str, name: str | None = None) -> Any:
+    from .spec import load_spec, parse_spec, spec_to_dict
+
+    spec = load_spec(path)
+    if name:
+        spec = parse_spec({**spec_to_dict(spec), "name": name}, path)
+    return spec
+
+
+def plan(spec: Any) -> str:
+    """What `sweep validate` prints: cells, trials, epochs, spaces."""
+    from .space import describe
+
+    cells = spec.cells()
+    total = len(cells) * spec.budget.trials_per_cell
+    lines = [
+        f"sweep {spec.name}: dataset {spec.dataset.name}, student {spec.student.arch}, "
+        f"teacher {spec.teacher.arch} ({spec.teacher.epochs} epochs), eps {spec.threat.eps:.4g}",
+        f"{len(cells)} cells x {spec.budget.trials_per_cell} trials = {total} trials, "
+        f"up to {spec.budget.epochs} epochs each (ASHA grace {spec.budget.grace_period})",
+        "objective: " + ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
+        "test suite: clean, " + ", ".join(a.key for a in spec.evaluation.attacks),
+        f"resources per trial: {spec.resources.cpus_per_trial} CPU, {spec.resources.gpus_per_trial} GPU",
+        "cells (teacher_loss.method.train_attack):",
+    ]
+    for c in cells:
+        space = spec.cell_space(c.method)
+        shown = ", ".join(f"{k}={describe(v)}" for k, v in space.items()) or "(nothing tuned)"
+        lines.append(f"  {c.key:<28} {shown}")
+    return "\n".join(lines)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    print(plan(_load(args.file)))
+    print("ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _load(args.file, args.name)
+    print(plan(spec), flush=True)
+    from .tune import SweepExists, run_sweep  # imports Ray: only once the file is known good
+
+    try:
+        run_sweep(spec, address=args.address)
+    except SweepExists as e:
+        return _fail(str(e))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import sweep_status
+
+    try:
+        print(sweep_status(args.name, args.storage))
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    return 0
+
+
+def registry_listing() -> dict[str, Any]:
+    from .attacks import ATTACKS
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+    from .teachers import TEACHER_LOSSES
+
+    return {
+        "datasets": {n: {"classes": d.num_classes, "shape": list(d.shape), "bundled": d.bundled}
+                     for n, d in DATASETS.items()},
+        "models": MODELS.names(),
+        "teacher_losses": {n: {"summary": t.summary, "params": t.params} for n, t in TEACHER_LOSSES.items()},
+        "methods": {n: m.describe() for n, m in METHODS.items()},
+        "attacks": {n: {"summary": a.summary, "iterative": a.iterative} for n, a in ATTACKS.items()},
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    listing = registry_listing()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for kind, items in listing.items():
+        print(f"{kind}:")
+        if isinstance(items, list):
+            print("  " + ", ".join(items))
+            continue
+        for name, info in items.items():
+            print(f"  {name:<16} {info.get('summary', '') if isinstance(info, dict) else info}")
+            if kind == "methods":
+                print(f"  {'':<16} teachers={info['teachers']} inner_max={info['inner_max']!r} "
+                      f"space={info['space']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sweep", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a sweep file")
+    r.add_argument("file")
+    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
+    r.add_argument("--name", help="run under another name than the file's")
+    r.set_defaults(fn=cmd_run)
+    v = sub.add_parser("validate", help="check a sweep file and print its plan")
+    v.add_argument("file")
+    v.set_defaults(fn=cmd_validate)
+    s = sub.add_parser("status", help="per cell: trials done / running / failed, best so far")
+    s.add_argument("name")
+    s.add_argument("--storage", default="./sweeps", help="the sweep file's storage.path")
+    s.set_defaults(fn=cmd_status)
+    ls = sub.add_parser("list", help="registered datasets, models, teacher losses, methods, attacks")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .spec import SpecError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Datasets as tensors, split deterministically, augmented per batch on the device.
+
+Why tensors and not DataLoaders: the datasets we sweep over fit in memory (on the GPU too), and
+per-batch augmentation on the device removes the loader from the hot path (the airbench recipe).
+Images are float32 in [0, 1]; normalisation is the model's first layer, so attack eps is in
+pixel scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the system needs to know about a dataset without loading it."""
+
+    name: str
+    num_classes: int
+    shape: tuple[int, int, int]  # C, H, W
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool  # horizontal flips are label-preserving (not for digits)
+    crop_pad: int  # random-crop padding used by augmentation
+    bundled: bool  # ships with a package: no download, no data_dir
+    has_test_split: bool  # an official test split exists
+    load: Callable[[Path, bool], tuple[torch.Tensor, ...]]
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+
+def _register(info: DatasetInfo) -> None:
+    DATASETS.register(info.name)(info)
+
+
+def _load_digits(data_dir: Path, download: bool) -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    return (x, y)
+
+
+def _torchvision_loader(cls_name: str, split_kw: str) -> Callable[[Path, bool], tuple]:
+    """Loader for a torchvision dataset, cached as uint8 tensors in `data_dir` after first use."""
+
+    def load(data_dir: Path, download: bool) -> tuple[torch.Tensor, ...]:
+        import torchvision
+
+        data_dir = Path(data_dir).expanduser()
+        cache = data_dir / f"kdsweep-{cls_name.lower()}.pt"
+        if cache.exists():
+            t = torch.load(cache, weights_only=True)
+            return tuple(t[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        cls = getattr(torchvision.datasets, cls_name)
+        out = {}
+        for part in ("train", "test"):
+            kw = {split_kw: part} if split_kw == "split" else {split_kw: part == "train"}
+            try:
+                ds = cls(str(data_dir), download=download, **kw)
+            except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+                raise FileNotFoundError(
+                    f"{cls_name} not found under {data_dir}: set dataset.download: true "
+                    f"or put the files there ({e})"
+                ) from None
+            data = np.asarray(ds.data)
+            if data.ndim == 3:  # MNIST: N,H,W
+                data = data[:, None]
+            elif data.shape[-1] == 3:  # CIFAR: N,H,W,C
+                data = data.transpose(0, 3, 1, 2)
+            labels = getattr(ds, "targets", None)
+            if labels is None:
+                labels = ds.labels
+            out[f"x_{part}"] = torch.from_numpy(np.ascontiguousarray(data)).to(torch.uint8)
+            out[f"y_{part}"] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(out, cache)
+        return tuple(out[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+
+    return load
+
+
+_register(DatasetInfo("digits", 10, (1, 8, 8), (0.3055,), (0.3759,), False, 1, True, False, _load_digits))
+_register(
+    DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), False, 2, False, True,
+                _torchvision_loader("MNIST", "train"))
+)
+_register(
+    DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                True, 4, False, True, _torchvision_loader("CIFAR10", "train"))
+)
+_register(
+    DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                True, 4, False, True, _torchvision_loader("CIFAR100", "train"))
+)
+_register(
+    DatasetInfo("svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                False, 4, False, True, _torchvision_loader("SVHN", "split"))
+)
+
+
+@dataclass
+class Splits:
+    """Train / validation / test tensors. Validation is carved from train; tuning sees only it."""
+
+    info: DatasetInfo
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Splits:
+        moved = {k: getattr(self, k).to(device) for k in
+                 ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        return Splits(self.info, **moved)
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def load_splits(
+    name: str,
+    *,
+    data_dir: str | Path = "~/.cache/kdsweep/data",
+    download: bool = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> Splits:
+    """Load a dataset and split it deterministically (same seed -> same examples in each split)."""
+    info = DATASETS.get(name)
+    parts = info.load(Path(data_dir).expanduser(), download)
+    gen = torch.Generator().manual_seed(split_seed)
+    if info.has_test_split:
+        x, y, x_test, y_test = parts
+    else:
+        x, y = parts
+        perm = torch.randperm(len(x), generator=gen)
+        n_test = int(round(test_fraction * len(x)))
+        x_test, y_test = x[perm[:n_test]], y[perm[:n_test]]
+        x, y = x[perm[n_test:]], y[perm[n_test:]]
+    perm = torch.randperm(len(x), generator=gen)
+    n_val = int(round(val_fraction * len(x)))
+    val, train = perm[:n_val], perm[n_val:]
+    return Splits(
+        info,
+        _as_float(x[train]), y[train],
+        _as_float(x[val]), y[val],
+        _as_float(x_test), y_test,
+    )
+
+
+def augment(x: torch.Tensor, *, flip: bool, crop_pad: int) -> torch.Tensor:
+    """Random crop (reflect padding) and optional horizontal flip, for a whole batch at once."""
+    n, c, h, w = x.shape
+    if crop_pad > 0:
+        p = crop_pad
+        padded = F.pad(x, (p, p, p, p), mode="reflect")
+        di = torch.randint(0, 2 * p + 1, (n, 1), device=x.device)
+        dj = torch.randint(0, 2 * p + 1, (n, 1), device=x.device)
+        rows = (di + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dj + torch.arange(w, device=x.device))[:, None, None, :]
+        idx_n = torch.arange(n, device=x.device)[:, None, None, None]
+        idx_c = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[idx_n, idx_c, rows, cols]
+    if flip:
+        mask = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of tensors already on their device; the global torch RNG drives shuffling."""
+    n = len(x)
+    order = torch.randperm(n, device=x.device) if shuffle else torch.arange(n, device=x.device)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx], y[idx]

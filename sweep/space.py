@@ -1,0 +1,118 @@
+"""Search-space parameters: the four kinds a sweep file may use, and their Optuna distributions.
+
+Why a module of its own: methods declare their default ranges with these types, and the sweep
+file's schema (spec.py) validates user overrides with the same types.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import optuna.distributions as od
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """A pydantic model that rejects unknown keys, naming the allowed ones (typos like
+    `temprature` must fail loudly, not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = set(cls.model_fields)
+            unknown = [k for k in data if k not in allowed]
+            if unknown:
+                import difflib
+
+                hints = []
+                for k in unknown:
+                    close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                    hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                raise ValueError(
+                    f"unknown field {', '.join(hints)}; allowed: {', '.join(sorted(allowed))}"
+                )
+        return data
+
+
+class _Range(StrictModel):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not be greater than high ({self.high})")
+        return self
+
+
+class FloatParam(_Range):
+    type: Literal["float"] = "float"
+
+    def distribution(self) -> od.BaseDistribution:
+        return od.FloatDistribution(self.low, self.high)
+
+
+class LogFloatParam(_Range):
+    type: Literal["log_float"] = "log_float"
+
+    @model_validator(mode="after")
+    def _positive(self) -> LogFloatParam:
+        if self.low <= 0:
+            raise ValueError(f"a log range must have low > 0 (got low={self.low})")
+        return self
+
+    def distribution(self) -> od.BaseDistribution:
+        return od.FloatDistribution(self.low, self.high, log=True)
+
+
+class IntParam(StrictModel):
+    type: Literal["int"] = "int"
+    low: int
+    high: int
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntParam:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not be greater than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range must have low > 0 (got low={self.low})")
+        return self
+
+    def distribution(self) -> od.BaseDistribution:
+        return od.IntDistribution(self.low, self.high, log=self.log)
+
+
+class CategoricalParam(StrictModel):
+    type: Literal["categorical"] = "categorical"
+    choices: list[float | int | str | bool] = Field(min_length=1)
+
+    def distribution(self) -> od.BaseDistribution:
+        return od.CategoricalDistribution(self.choices)
+
+
+SearchParam = Annotated[
+    FloatParam | LogFloatParam | IntParam | CategoricalParam, Field(discriminator="type")
+]
+# A fixed value (a plain number or string) is also allowed wherever a SearchParam is.
+ParamValue = SearchParam | float | int | str | bool
+
+
+def is_searched(p: ParamValue) -> bool:
+    return isinstance(p, FloatParam | LogFloatParam | IntParam | CategoricalParam)
+
+
+def describe(p: ParamValue) -> str | float | int | bool:
+    """A short human-readable form, for plans and `sweep list`."""
+    if isinstance(p, LogFloatParam):
+        return f"log[{p.low:g}, {p.high:g}]"
+    if isinstance(p, FloatParam):
+        return f"[{p.low:g}, {p.high:g}]"
+    if isinstance(p, IntParam):
+        return f"int[{p.low}, {p.high}]" + (" log" if p.log else "")
+    if isinstance(p, CategoricalParam):
+        return "{" + ", ".join(map(str, p.choices)) + "}"
+    return p

@@ -1,0 +1,400 @@
+"""The sweep file: its schema, its defaults, and errors that name the file, the field and what is
+allowed.
+
+A sweep file is rejected here, before Ray starts, or not at all: every registry name, range and
+cross-field rule is checked at load time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+
+from .attacks import ATTACKS
+from .data import DATASETS
+from .methods import METHODS
+from .models import MODELS
+from .space import SearchParam, StrictModel
+from .teachers import TEACHER_LOSSES
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Hyperparameters of the optimiser that any cell may search, beside each method's own.
+TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
+# Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
+TUNABLE_METRICS = {"val/clean_acc": "max", "val/robust_acc": "max", "val/loss": "min",
+                   "train/loss": "min"}
+
+
+def _fixed_or_range(v: Any) -> str:
+    return "range" if isinstance(v, dict) else "fixed"
+
+
+ParamValue = Annotated[
+    Annotated[SearchParam, Tag("range")] | Annotated[float | int | bool | str, Tag("fixed")],
+    Discriminator(_fixed_or_range),
+]
+_LOC_TAGS = {"range", "fixed", "float", "log_float", "int", "categorical", "one", "many"}
+
+
+def _check_names(kind: str, registry: Any, names: list[str]) -> list[str]:
+    for n in names:
+        if n not in registry:
+            raise ValueError(f"unknown {kind} {n!r}; allowed: {', '.join(registry.names())}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"lists a {kind} twice: {names}")
+    return names
+
+
+class DatasetSpec(StrictModel):
+    name: str = "digits"
+    data_dir: str = "~/.cache/kdsweep/data"
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="bundled datasets only")
+    split_seed: int = 0
+    augment: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_names("dataset", DATASETS, [v])[0]
+
+
+class OptimSpec(StrictModel):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(128, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class _ArchSpec(StrictModel):
+    arch: str = "small_cnn"
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_names("model", MODELS, [v])[0]
+
+
+class StudentSpec(_ArchSpec):
+    optim: OptimSpec = OptimSpec()
+
+
+class TeacherSpec(_ArchSpec):
+    epochs: int = Field(10, gt=0)
+    optim: OptimSpec = OptimSpec()
+    seed: int | None = Field(None, description="defaults to the sweep's seed")
+
+
+class GridSpec(StrictModel):
+    """The factorial axes: every combination is a cell with its own Optuna study."""
+
+    teacher_loss: list[str] = Field(min_length=1)
+    method: list[str] = Field(min_length=1)
+    train_attack: list[str] = Field(min_length=1)
+
+    @field_validator("teacher_loss")
+    @classmethod
+    def _losses(cls, v: list[str]) -> list[str]:
+        return _check_names("teacher loss", TEACHER_LOSSES, v)
+
+    @field_validator("method")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        return _check_names("method", METHODS, v)
+
+    @field_validator("train_attack")
+    @classmethod
+    def _attacks(cls, v: list[str]) -> list[str]:
+        return _check_names("attack", ATTACKS, v)
+
+
+class ThreatSpec(StrictModel):
+    norm: Literal["linf"] = "linf"
+    eps: float = Field(8 / 255, ge=0, le=1, description="pixel scale; data range is [0, 1]")
+
+
+class TrainAttackSpec(StrictModel):
+    steps: int = Field(5, gt=0, description="iterative attacks only")
+    step_size: float | None = Field(None, gt=0, le=1, description="default 2.5*eps/steps")
+    eps: float | None = Field(None, ge=0, le=1, description="default: threat.eps")
+
+
+class AttackRun(StrictModel):
+    """One attack of the evaluation suite; `pgd20` is shorthand for {name: pgd, steps: 20}."""
+
+    name: str
+    steps: int = Field(10, gt=0)
+    step_size: float | None = Field(None, gt=0, le=1)
+    label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = re.fullmatch(r"([a-z_]+?)(\d+)?", v)
+            if not m:
+                raise ValueError(f"{v!r} is not an attack name such as 'fgsm' or 'pgd20'")
+            out: dict[str, Any] = {"name": m.group(1), "label": v}
+            if m.group(2):
+                out["steps"] = int(m.group(2))
+            return out
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        allowed = [n for n in ATTACKS.names() if n != "none"]
+        if v not in allowed:
+            raise ValueError(f"unknown attack {v!r}; allowed: {', '.join(allowed)}")
+        return v
+
+    @property
+    def key(self) -> str:
+        if self.label:
+            return self.label
+        return self.name + (str(self.steps) if ATTACKS.get(self.name).iterative else "")
+
+
+class EvaluationSpec(StrictModel):
+    attacks: list[AttackRun] = Field(default_factory=lambda: [AttackRun.model_validate(a) for a in ("fgsm", "pgd20")])
+    val_attack: AttackRun = Field(default_factory=lambda: AttackRun.model_validate("pgd10"))
+    val_examples: int | None = Field(1000, gt=0, description="validation subset per epoch; null = all")
+    test_examples: int | None = Field(None, gt=0, description="null = the whole test split")
+    batch_size: int = Field(256, gt=0)
+
+
+class Objective(StrictModel):
+    metric: str = "val/robust_acc"
+    mode: Literal["max", "min"] = "max"
+
+    @field_validator("metric")
+    @classmethod
+    def _tunable(cls, v: str) -> str:
+        if v.startswith("test/"):
+            raise ValueError("tuning on a test metric is not allowed: use a val/ metric")
+        if v not in TUNABLE_METRICS:
+            raise ValueError(f"unknown metric {v!r}; allowed: {', '.join(TUNABLE_METRICS)}")
+        return v
+
+
+class BudgetSpec(StrictModel):
+    trials_per_cell: int = Field(8, gt=0)
+    epochs: int = Field(10, gt=0)
+    grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial may be stopped")
+    reduction_factor: float = Field(3, gt=1)
+
+    @model_validator(mode="after")
+    def _grace(self) -> BudgetSpec:
+        if self.grace_period > self.epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= epochs ({self.epochs})")
+        return self
+
+
+class ResourcesSpec(StrictModel):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent_trials: int | None = Field(None, gt=0, description="null = as many as fit")
+
+
+class StorageSpec(StrictModel):
+    path: str = Field("./sweeps", description="Tune results, checkpoints, teacher cache")
+    optuna: str | None = Field(None, description="null = sqlite file in the sweep's folder")
+    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
+    mlflow_experiment: str | None = Field(None, description="null = the sweep's name")
+
+
+class OptunaSpec(StrictModel):
+    sampler: Literal["auto", "tpe", "random", "nsga2"] = "auto"
+    n_startup_trials: int = Field(10, ge=0, description="TPE: random trials before modelling")
+
+
+class SweepSpec(StrictModel):
+    name: str = Field(pattern=NAME_RE)
+    seed: int = 0
+    dataset: DatasetSpec = DatasetSpec()
+    student: StudentSpec = StudentSpec()
+    teacher: TeacherSpec = TeacherSpec()
+    grid: GridSpec
+    threat: ThreatSpec = ThreatSpec()
+    train_attack: TrainAttackSpec = TrainAttackSpec()
+    search_space: dict[str, ParamValue] = Field(default_factory=dict)
+    method_search_space: dict[str, dict[str, ParamValue]] = Field(default_factory=dict)
+    objective: Annotated[
+        Annotated[Objective, Tag("one")] | Annotated[list[Objective], Tag("many")],
+        Discriminator(lambda v: "many" if isinstance(v, list) else "one"),
+    ] = Objective()
+    budget: BudgetSpec = BudgetSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    storage: StorageSpec = StorageSpec()
+    optuna: OptunaSpec = OptunaSpec()
+
+    @field_validator("objective")
+    @classmethod
+    def _nonempty(cls, v: Objective | list[Objective]) -> Objective | list[Objective]:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one objective")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SweepSpec:
+        methods = [METHODS.get(m) for m in self.grid.method]
+        known = set(TRAINING_PARAMS).union(*(m.space for m in methods))
+        for key in self.search_space:
+            if key not in known:
+                raise ValueError(
+                    f"search_space.{key}: not a hyperparameter of any method in the grid; "
+                    f"allowed: {', '.join(sorted(known))}"
+                )
+        for mname, space in self.method_search_space.items():
+            if mname not in self.grid.method:
+                raise ValueError(
+                    f"method_search_space.{mname}: not a method of the grid; "
+                    f"allowed: {', '.join(self.grid.method)}"
+                )
+            allowed = set(TRAINING_PARAMS) | set(METHODS.get(mname).space)
+            for key in space:
+                if key not in allowed:
+                    raise ValueError(
+                        f"method_search_space.{mname}.{key}: not a hyperparameter of {mname}; "
+                        f"allowed: {', '.join(sorted(allowed))}"
+                    )
+        for m in methods:
+            if m.needs_attack and self.grid.train_attack == ["none"]:
+                raise ValueError(
+                    f"grid.method: {m.name!r} needs a training attack for its inner maximisation "
+                    f"but grid.train_attack is only 'none'; add fgsm or pgd"
+                )
+        return self
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    def cells(self) -> list[Cell]:
+        """Every combination of the grid, minus meaningless ones (see Cell)."""
+        out: dict[str, Cell] = {}
+        for method in self.grid.method:
+            info = METHODS.get(method)
+            for attack in self.grid.train_attack:
+                if info.needs_attack and attack == "none":
+                    continue  # e.g. ARD without an inner maximisation is not ARD
+                losses = self.grid.teacher_loss if info.n_teachers else ["none"]
+                for loss in losses:
+                    cell = Cell(loss, method, attack)
+                    out.setdefault(cell.key, cell)
+        return list(out.values())
+
+    def cell_space(self, method: str) -> dict[str, Any]:
+        """The resolved search space of a method's cells: method defaults, then the file's
+        global entries that apply to it, then its per-method overrides."""
+        info = METHODS.get(method)
+        space: dict[str, Any] = dict(info.space)
+        for k, v in self.search_space.items():
+            if k in info.space or k in TRAINING_PARAMS:
+                space[k] = v
+        space.update(self.method_search_space.get(method, {}))
+        return space
+
+    def teacher_seed(self) -> int:
+        return self.seed if self.teacher.seed is None else self.teacher.seed
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell. Methods without a teacher ignore the teacher-loss axis: their cells carry
+    teacher_loss 'none' and are run once, not once per teacher loss."""
+
+    teacher_loss: str
+    method: str
+    train_attack: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.teacher_loss}.{self.method}.{self.train_attack}"
+
+
+class SpecError(Exception):
+    """A sweep file that cannot be run; `problems` are (field, message) pairs."""
+
+    def __init__(self, file: str, problems: list[tuple[str, str]]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{self.file}: {field}: {msg}" if field else f"{self.file}: {msg}"
+            for field, msg in self.problems
+        )
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _LOC_TAGS or str(part).startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        field = _field_path(tuple(e["loc"]))
+        if e["type"] == "missing":
+            msg = "required field is missing"
+        m = re.match(r"([\w./\[\]-]+): (.*)", msg, re.S)
+        if not field and m:  # cross-field checks name their own field
+            field, msg = m.group(1), m.group(2)
+        if e["type"] not in ("missing", "value_error", "assertion_error") and "input" in e:
+            msg += f" (got {e['input']!r})"
+        out.append((field, msg))
+    return out
+
+
+def parse_spec(data: Any, file: str = "<sweep>") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise SpecError(file, [("", f"a sweep file is a YAML mapping, got {type(data).__name__}")])
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(file, _problems(e)) from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep file; any problem raises SpecError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), [("", "no such file")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(str(path), [("", f"YAML does not parse: {where}{problem}")]) from None
+    return parse_spec(data, str(path))
+
+
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    # warnings=False: pydantic warns about the tagged fixed-or-range union although it
+    # serialises it correctly (checked by tests/test_spec.py round trip)
+    return spec.model_dump(mode="json", warnings=False)
+
+
+def dump_spec(spec: SweepSpec) -> str:
+    """The fully resolved sweep (every default written out), for MLflow and resume."""
+    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)

@@ -1,0 +1,182 @@
+"""MLflow, and nothing else imports it.
+
+Layout (made for the MLflow UI): one experiment per sweep; a parent run for the sweep; one child
+run per trial, named `<cell>#<index>`, and one per distinct teacher, named `teacher:<loss>:<hash>`.
+Runs are addressed by id through MlflowClient, never through the fluent API's global "active run",
+so a reused Ray actor can never log into the previous trial's run. Trial run ids are stored in the
+trial's checkpoint so a restored trial continues the same run (Ray's MLflowLoggerCallback would
+open a new one; DESIGN §3.7).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+MAX_PARAM_LEN = 6000
+
+
+def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
+    """Make a relative `sqlite:///x.db` absolute, so Ray workers in other directories agree."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        return "sqlite:///" + str(((base or Path.cwd()) / rel).resolve())
+    if "://" not in uri:  # a bare path: MLflow 3 refuses file stores, so use SQLite there
+        return "sqlite:///" + str(((base or Path.cwd()) / uri).resolve())
+    return uri
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """How to see the runs table (the MLflow 3 UI opens on an empty GenAI page otherwise)."""
+    runs = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}   then open {runs}"
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return runs
+
+
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)[:MAX_PARAM_LEN]
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    _flat("", params, out)
+    return out
+
+
+class Tracker:
+    """One MLflow experiment (a sweep) and the runs in it."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = self._experiment(experiment, artifact_root)
+
+    def _experiment(self, name: str, artifact_root: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root)
+        except MlflowException:  # another process created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # --- runs -------------------------------------------------------------------------------
+    def start_run(
+        self,
+        name: str,
+        *,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):  # MLflow's per-batch limit
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """All of an epoch's metrics in one round trip."""
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, files: dict[str, bytes | str | Path]) -> None:
+        """`files` maps artifact names to contents (bytes/str) or local paths."""
+        with tempfile.TemporaryDirectory() as d:
+            for name, content in files.items():
+                dst = Path(d) / name
+                if isinstance(content, Path):
+                    dst.write_bytes(content.read_bytes())
+                elif isinstance(content, bytes):
+                    dst.write_bytes(content)
+                else:
+                    dst.write_text(content)
+            self.client.log_artifacts(run_id, d)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def fail(self, run_id: str, reason: str, detail: str = "") -> None:
+        self.set_tags(run_id, {"failure_reason": reason, "failure_detail": detail[:5000]})
+        self.finish(run_id, "FAILED")
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def ensure_teacher_run(
+        self,
+        *,
+        teacher_hash: str,
+        loss: str,
+        params: dict[str, Any],
+        metrics: dict[str, float],
+        trained: bool,
+        parent_run_id: str | None,
+        sweep: str,
+    ) -> str:
+        """One run per distinct teacher per sweep, however many trials use it. Callers hold the
+        teacher's cache lock, so the search-then-create below does not race."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.kind = 'teacher' and tags.teacher_hash = '{teacher_hash}'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        run_id = self.start_run(
+            f"teacher:{loss}:{teacher_hash[:8]}",
+            params=params,
+            tags={"kind": "teacher", "teacher_hash": teacher_hash, "teacher_loss": loss,
+                  "sweep": sweep, "from_cache": str(not trained).lower()},
+            parent_run_id=parent_run_id,
+        )
+        self.log_metrics(run_id, metrics, step=0)
+        self.finish(run_id)
+        return run_id
+
+    def runs(self, kind: str | None = None) -> list[Any]:
+        flt = f"tags.kind = '{kind}'" if kind else ""
+        return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=10000)
+
+
+def default_artifact_root(tracking_uri: str, experiment: str) -> str | None:
+    """Next to a SQLite database, artifacts go to `mlartifacts/<experiment>` beside it;
+    servers choose their own root."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

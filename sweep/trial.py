@@ -1,0 +1,310 @@
+"""One trial: teacher(s) from the cache -> train the student -> report each epoch -> test once.
+
+Plain Python: Ray reaches this module only through the `report` callback that tune.py passes in,
+so a trial can also be run in a loop (bench/) or a test without Ray.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import random
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Splits, load_splits
+from .evaluate import accuracy, evaluate_suite
+from .methods import METHODS
+from .models import build_model
+from .spec import TRAINING_PARAMS, SweepSpec, dump_spec
+from .teachers import TEACHER_LOSSES, TeacherCache, TeacherRecord, teacher_hash
+from .tracking import Tracker
+from .training import (
+    Diverged,
+    make_optimizer,
+    make_schedule,
+    seed_everything,
+    steps_per_epoch,
+    train_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, float], dict[str, Any]], None]  # (metrics, checkpoint state)
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares, resolved once by the driver (absolute paths)."""
+
+    spec: SweepSpec
+    sweep_dir: str
+    teacher_dir: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str | None
+
+    def tracker(self) -> Tracker:
+        return _tracker(self.tracking_uri, self.experiment)
+
+
+@functools.lru_cache(maxsize=4)
+def _tracker(uri: str, experiment: str) -> Tracker:
+    return Tracker(uri, experiment)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_splits(**kw: Any) -> Splits:
+    """Reused Ray actors load a dataset once, not once per trial."""
+    return load_splits(**kw)
+
+
+def get_splits(spec: SweepSpec, device: torch.device) -> Splits:
+    d = spec.dataset
+    splits = _cached_splits(
+        name=d.name, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction, split_seed=d.split_seed,
+    )
+    return splits.to(device)
+
+
+def pick_device(spec: SweepSpec) -> torch.device:
+    if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def new_model(spec: SweepSpec, arch: str, data: Splits, device: torch.device) -> nn.Module:
+    info = data.info
+    return build_model(arch, in_channels=info.shape[0], num_classes=info.num_classes,
+                       mean=info.mean, std=info.std).to(device)
+
+
+def _optim_dict(optim: Any, hp: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = optim.model_dump()
+    for k in TRAINING_PARAMS:
+        if hp and k in hp:
+            out[k] = hp[k]
+    return out
+
+
+def _val_subset(spec: SweepSpec, data: Splits) -> tuple[torch.Tensor, torch.Tensor]:
+    n = spec.evaluation.val_examples or len(data.x_val)
+    return data.x_val[:n], data.y_val[:n]
+
+
+def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
+    """The cheap per-epoch check that Optuna and ASHA see: validation split only."""
+    x, y = _val_subset(spec, data)
+    ev = spec.evaluation
+    with torch.no_grad():
+        model.eval()
+        logits = torch.cat([model(x[i : i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)])
+        val_loss = torch.nn.functional.cross_entropy(logits, y).item()
+    return {
+        "val/clean_acc": float((logits.argmax(1) == y).float().mean()),
+        "val/robust_acc": accuracy(model, x, y, attack=ev.val_attack, eps=spec.threat.eps,
+                                   batch_size=ev.batch_size),
+        "val/loss": val_loss,
+    }
+
+
+def test_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
+    """The full suite on the test split: computed once per finished trial, never tuned on."""
+    n = spec.evaluation.test_examples or len(data.x_test)
+    return evaluate_suite(model, data.x_test[:n], data.y_test[:n], spec.evaluation.attacks,
+                          eps=spec.threat.eps, batch_size=spec.evaluation.batch_size)
+
+
+# --- teachers --------------------------------------------------------------------------------
+def teacher_identity(spec: SweepSpec, loss: str) -> dict[str, Any]:
+    """Everything that defines a teacher, and nothing that does not (paths, sweep name)."""
+    d = spec.dataset
+    return {
+        "dataset": {"name": d.name, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
+                    "split_seed": d.split_seed, "augment": d.augment},
+        "arch": spec.teacher.arch,
+        "loss": loss,
+        "loss_params": TEACHER_LOSSES.get(loss).params,
+        "epochs": spec.teacher.epochs,
+        "optim": spec.teacher.optim.model_dump(),
+        "seed": spec.teacher_seed(),
+    }
+
+
+def train_teacher(spec: SweepSpec, loss: str, model: nn.Module, data: Splits) -> dict[str, float]:
+    seed_everything(spec.teacher_seed())
+    fresh = new_model(spec, spec.teacher.arch, data, next(model.parameters()).device)
+    model.load_state_dict(fresh.state_dict())
+    fn, params = TEACHER_LOSSES.get(loss).fn, TEACHER_LOSSES.get(loss).params
+    optim = _optim_dict(spec.teacher.optim)
+    opt = make_optimizer(model.parameters(), optim)
+    sched = make_schedule(opt, optim["schedule"], spec.teacher.epochs,
+                          steps_per_epoch(len(data.x_train), optim["batch_size"]))
+    for epoch in range(spec.teacher.epochs):
+        train_epoch(model, data, batch_size=optim["batch_size"], augment_data=spec.dataset.augment,
+                    step_loss=lambda x, y: fn(model(x), y, **params), optimizer=opt, schedule=sched)
+        log.info("teacher %s epoch %d/%d", loss, epoch + 1, spec.teacher.epochs)
+    model.eval()
+    return {**validation_metrics(spec, model, data), **test_metrics(spec, model, data)}
+
+
+def get_teacher(ctx: SweepContext, loss: str, data: Splits, device: torch.device) -> tuple[nn.Module, TeacherRecord]:
+    spec = ctx.spec
+    model = new_model(spec, spec.teacher.arch, data, device)
+    identity = teacher_identity(spec, loss)
+
+    def on_ready(record: TeacherRecord, trained: bool) -> None:
+        ctx.tracker().ensure_teacher_run(
+            teacher_hash=record.hash, loss=loss, params=identity, metrics=record.metrics,
+            trained=trained, parent_run_id=ctx.parent_run_id, sweep=spec.name,
+        )
+
+    record = TeacherCache(ctx.teacher_dir).get_or_train(
+        identity, model, lambda m: train_teacher(spec, loss, m, data), on_ready
+    )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, record
+
+
+# --- students --------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    """Plain tensors and tuples only, so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+
+
+def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """What MLflow records as the run's params: the cell's axes, every resolved hyperparameter,
+    and the settings a reader needs to compare runs."""
+    return {
+        "teacher_loss": config["teacher_loss"], "method": config["method"],
+        "train_attack": config["train_attack"], **config["hp"],
+        "seed": config["seed"], "epochs": spec.budget.epochs, "dataset": spec.dataset.name,
+        "student_arch": spec.student.arch, "teacher_arch": spec.teacher.arch,
+        "eps": spec.threat.eps, "train_attack_steps": spec.train_attack.steps,
+    }
+
+
+def student_state(model: nn.Module, opt: Any, sched: Any, epoch: int, run_id: str) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+            "epoch": epoch, "mlflow_run_id": run_id, "rng": _rng_state()}
+
+
+def finalize(ctx: SweepContext, config: dict[str, Any], model: nn.Module, data: Splits,
+             run_id: str, epoch: int) -> dict[str, float]:
+    """Test-set suite, artifacts, FINISHED. Idempotent: a finished run is left alone."""
+    tracker = ctx.tracker()
+    if tracker.status(run_id) == "FINISHED":
+        return {}
+    metrics = test_metrics(ctx.spec, model, data)
+    tracker.log_metrics(run_id, metrics, step=epoch)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    tracker.log_artifacts(run_id, {"student.pt": buf.getvalue(), "sweep.yaml": dump_spec(ctx.spec)})
+    tracker.set_tags(run_id, {"epochs_trained": str(epoch)})
+    tracker.finish(run_id)
+    return metrics
+
+
+def run_trial(ctx: SweepContext, config: dict[str, Any], report: Report,
+              resume: dict[str, Any] | None = None, threads: int | None = None) -> None:
+    """Train one student. `config` holds the cell (teacher_loss, method, train_attack), `hp`
+    (tuned values), `seed`, `trial_id` and `cell_index`; `resume` a state from `student_state`."""
+    spec = ctx.spec
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(config["seed"])
+    device = pick_device(spec)
+    data = get_splits(spec, device)
+    method = METHODS.get(config["method"])(config["hp"])
+    tracker = ctx.tracker()
+
+    teachers: list[nn.Module] = []
+    t_hash = ""
+    if method.n_teachers:
+        teacher, record = get_teacher(ctx, config["teacher_loss"], data, device)
+        teachers, t_hash = [teacher], record.hash
+    seed_everything(config["seed"])
+
+    student = new_model(spec, spec.student.arch, data, device)
+    optim = _optim_dict(spec.student.optim, config["hp"])
+    opt = make_optimizer(student.parameters(), optim)
+    sched = make_schedule(opt, optim["schedule"], spec.budget.epochs,
+                          steps_per_epoch(len(data.x_train), optim["batch_size"]))
+    start = 0
+    if resume:
+        student.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["schedule"])
+        _set_rng_state(resume["rng"])
+        start, run_id = resume["epoch"], resume["mlflow_run_id"]
+    else:
+        run_id = tracker.start_run(
+            f"{config['cell']}#{config['cell_index']}",
+            params=trial_params(spec, config),
+            tags={"kind": "student", "sweep": spec.name, "cell": config["cell"],
+                  "teacher_loss": config["teacher_loss"], "method": config["method"],
+                  "train_attack": config["train_attack"], "trial_id": config.get("trial_id", ""),
+                  "optuna_trial": str(config.get("optuna_number", "")), "teacher_hash": t_hash},
+            parent_run_id=ctx.parent_run_id,
+        )
+
+    eps = spec.train_attack.eps if spec.train_attack.eps is not None else spec.threat.eps
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from .attacks import run_attack
+
+        x_adv = run_attack(config["train_attack"], student, x,
+                           method.inner_objective(student, teachers, x, y), eps=eps,
+                           steps=spec.train_attack.steps, step_size=spec.train_attack.step_size)
+        return method.loss(student, teachers, x, x_adv, y)
+
+    try:
+        for epoch in range(start + 1, spec.budget.epochs + 1):
+            train_loss = train_epoch(student, data, batch_size=optim["batch_size"],
+                                     augment_data=spec.dataset.augment, step_loss=step_loss,
+                                     optimizer=opt, schedule=sched)
+            metrics = {"train/loss": train_loss, **validation_metrics(spec, student, data)}
+            tracker.log_metrics(run_id, metrics, step=epoch)
+            if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there
+                finalize(ctx, config, student, data, run_id, epoch)
+            report({**metrics, "epoch": epoch}, student_state(student, opt, sched, epoch, run_id))
+    except Diverged as e:
+        tracker.fail(run_id, "diverged", str(e))
+        raise
+    except Exception as e:
+        tracker.fail(run_id, type(e).__name__, traceback.format_exc())
+        raise
+
+
+def finalize_from_state(ctx: SweepContext, config: dict[str, Any], state: dict[str, Any]) -> dict[str, float]:
+    """For a trial stopped early by ASHA: evaluate its last checkpoint and finish its run."""
+    seed_everything(config["seed"])
+    device = pick_device(ctx.spec)
+    data = get_splits(ctx.spec, device)
+    model = new_model(ctx.spec, ctx.spec.student.arch, data, device)
+    model.load_state_dict(state["model"])
+    return finalize(ctx, config, model, data, state["mlflow_run_id"], state["epoch"])
+
+
+def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / "state.pt", map_location="cpu", weights_only=True)
