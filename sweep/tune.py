@@ -11,6 +11,7 @@ cells, and the table must be filled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import tempfile
@@ -195,6 +196,8 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
             torch.save(state, Path(d) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
+    for name in ("ray.train", "ray.tune"):  # per-checkpoint INFO lines drown the progress
+        logging.getLogger(name).setLevel(logging.WARNING)
     threads = max(1, int(ctx.spec.resources.cpus_per_trial))
     run_trial(ctx, config, report, resume=resume, threads=threads)
 
@@ -299,6 +302,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
 
     ctx = SweepContext(spec, str(paths["sweep"]), str(paths["teachers"]), uri, experiment, parent)
     init_ray(address, spec)
+    # Tune snapshots the experiment after every checkpoint (num_to_keep=1): that is what bounds
+    # the loss on a killed driver, so its "snapshotting may become a bottleneck" warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     res = spec.resources
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, ctx=ctx),

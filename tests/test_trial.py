@@ -1,0 +1,105 @@
+"""One trial in plain Python (no Ray) against a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_spec_dict
+
+from sweep.spec import parse_spec
+from sweep.tracking import Tracker
+from sweep.trial import SweepContext, finalize_from_state, run_trial
+
+CONFIG = {"cell": "ce.kd.pgd", "teacher_loss": "ce", "method": "kd", "train_attack": "pgd",
+          "hp": {"temperature": 2.0, "alpha": 0.5}, "seed": 0, "cell_index": 0}
+
+
+def _ctx(tmp_path, name="t"):
+    spec = parse_spec(tiny_spec_dict(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri, name)
+    return SweepContext(spec, str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, name, None)
+
+
+class _Stop(BaseException):
+    """What Tune's stop looks like from inside the trainable: the function is abandoned."""
+
+
+def test_trial_reports_validation_only_and_tests_once_at_the_end(tmp_path):
+    ctx = _ctx(tmp_path)
+    reports = []
+    run_trial(ctx, CONFIG, lambda m, s: reports.append((m, s)))
+    assert [m["epoch"] for m, _ in reports] == [1, 2]
+    for m, _ in reports:  # nothing from the test split may reach Tune/Optuna/ASHA
+        assert all(k.startswith(("val/", "train/")) or k == "epoch" for k in m)
+    tracker = ctx.tracker()
+    (run,) = tracker.runs("student")
+    assert run.info.status == "FINISHED"
+    assert {"test/clean_acc", "test/robust_acc/fgsm", "test/robust_acc/pgd20"} <= set(run.data.metrics)
+    assert run.data.params["temperature"] == "2.0" and run.data.params["alpha"] == "0.5"
+    history = tracker.client.get_metric_history(run.info.run_id, "val/robust_acc")
+    assert sorted(h.step for h in history) == [1, 2]
+    assert len(tracker.runs("teacher")) == 1
+    arts = {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
+    assert {"student.pt", "sweep.yaml"} <= arts
+
+
+def test_same_config_and_seed_give_the_same_metrics(tmp_path):
+    a, b = [], []
+    run_trial(_ctx(tmp_path / "a"), CONFIG, lambda m, s: a.append(m))
+    run_trial(_ctx(tmp_path / "b"), CONFIG, lambda m, s: b.append(m))
+    assert a == b
+    other = {**CONFIG, "seed": 1}
+    c = []
+    run_trial(_ctx(tmp_path / "c"), other, lambda m, s: c.append(m))
+    assert c != a
+
+
+def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
+    ctx = _ctx(tmp_path)
+    states = []
+
+    def report(metrics, state):
+        states.append(state)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        run_trial(ctx, CONFIG, report)
+    (run,) = ctx.tracker().runs("student")
+    assert run.info.status == "RUNNING" and "test/clean_acc" not in run.data.metrics
+    finalize_from_state(ctx, CONFIG, states[-1])
+    run = ctx.tracker().client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["epochs_trained"] == "1"
+    assert "test/robust_acc/pgd20" in run.data.metrics
+
+
+def test_resumed_trial_continues_the_same_run_without_repeating_epochs(tmp_path):
+    ctx = _ctx(tmp_path)
+    states = []
+
+    def stop_after_one(metrics, state):
+        states.append(state)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        run_trial(ctx, CONFIG, stop_after_one)
+    resumed = []
+    run_trial(ctx, CONFIG, lambda m, s: resumed.append(m), resume=states[0])
+    assert [m["epoch"] for m in resumed] == [2]
+    (run,) = ctx.tracker().runs("student")
+    steps = [h.step for h in ctx.tracker().client.get_metric_history(run.info.run_id, "val/clean_acc")]
+    assert sorted(steps) == [1, 2]
+    # and the result equals an uninterrupted run's
+    straight = []
+    run_trial(_ctx(tmp_path / "straight"), CONFIG, lambda m, s: straight.append(m))
+    assert straight[-1] == resumed[-1]
+
+
+def test_diverging_trial_fails_with_reason(tmp_path):
+    ctx = _ctx(tmp_path)
+    bad = {**CONFIG, "hp": {"temperature": 2.0, "alpha": 0.5, "lr": float("inf")}}
+    with pytest.raises(Exception):
+        run_trial(ctx, bad, lambda m, s: None)
+    (run,) = ctx.tracker().runs("student")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == "diverged"
