@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 EXIT_BAD_INPUT = 2
@@ -88,12 +87,18 @@ def registry_listing() -> dict[str, Any]:
     from .teachers import TEACHER_LOSSES
 
     return {
-        "datasets": {n: {"classes": d.num_classes, "shape": list(d.shape), "bundled": d.bundled}
-                     for n, d in DATASETS.items()},
+        "datasets": {
+            n: {"classes": d.num_classes, "shape": list(d.shape), "bundled": d.bundled}
+            for n, d in DATASETS.items()
+        },
         "models": MODELS.names(),
-        "teacher_losses": {n: {"summary": t.summary, "params": t.params} for n, t in TEACHER_LOSSES.items()},
+        "teacher_losses": {
+            n: {"summary": t.summary, "params": t.params} for n, t in TEACHER_LOSSES.items()
+        },
         "methods": {n: m.describe() for n, m in METHODS.items()},
-        "attacks": {n: {"summary": a.summary, "iterative": a.iterative} for n, a in ATTACKS.items()},
+        "attacks": {
+            n: {"summary": a.summary, "iterative": a.iterative} for n, a in ATTACKS.items()
+        },
     }
 
 
@@ -110,8 +115,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, info in items.items():
             print(f"  {name:<16} {info.get('summary', '') if isinstance(info, dict) else info}")
             if kind == "methods":
-                print(f"  {'':<16} teachers={info['teachers']} inner_max={info['inner_max']!r} "
-                      f"space={info['space']}")
+                print(
+                    f"  {'':<16} teachers={info['teachers']} inner_max={info['inner_max']!r} "
+                    f"space={info['space']}"
+                )
     return 0
 
 
@@ -120,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a sweep file")
     r.add_argument("file")
-    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
+    r.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)"
+    )
     r.add_argument("--name", help="run under another name than the file's")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check a sweep file and print its plan")
@@ -130,7 +139,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--storage", default="./sweeps", help="the sweep file's storage.path")
     s.set_defaults(fn=cmd_status)
-    ls = sub.add_parser("list", help="registered datasets, models, teacher losses, methods, attacks")
+    ls = sub.add_parser(
+        "list", help="registered datasets, models, teacher losses, methods, attacks"
+    )
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_list)
     return p

@@ -90,22 +90,64 @@ def _torchvision_loader(cls_name: str, split_kw: str) -> Callable[[Path, bool], 
     return load
 
 
-_register(DatasetInfo("digits", 10, (1, 8, 8), (0.3055,), (0.3759,), False, 1, True, False, _load_digits))
 _register(
-    DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), False, 2, False, True,
-                _torchvision_loader("MNIST", "train"))
+    DatasetInfo("digits", 10, (1, 8, 8), (0.3055,), (0.3759,), False, 1, True, False, _load_digits)
 )
 _register(
-    DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                True, 4, False, True, _torchvision_loader("CIFAR10", "train"))
+    DatasetInfo(
+        "mnist",
+        10,
+        (1, 28, 28),
+        (0.1307,),
+        (0.3081,),
+        False,
+        2,
+        False,
+        True,
+        _torchvision_loader("MNIST", "train"),
+    )
 )
 _register(
-    DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                True, 4, False, True, _torchvision_loader("CIFAR100", "train"))
+    DatasetInfo(
+        "cifar10",
+        10,
+        (3, 32, 32),
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        True,
+        4,
+        False,
+        True,
+        _torchvision_loader("CIFAR10", "train"),
+    )
 )
 _register(
-    DatasetInfo("svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-                False, 4, False, True, _torchvision_loader("SVHN", "split"))
+    DatasetInfo(
+        "cifar100",
+        100,
+        (3, 32, 32),
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        True,
+        4,
+        False,
+        True,
+        _torchvision_loader("CIFAR100", "train"),
+    )
+)
+_register(
+    DatasetInfo(
+        "svhn",
+        10,
+        (3, 32, 32),
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        False,
+        4,
+        False,
+        True,
+        _torchvision_loader("SVHN", "split"),
+    )
 )
 
 
@@ -122,8 +164,10 @@ class Splits:
     y_test: torch.Tensor
 
     def to(self, device: torch.device | str) -> Splits:
-        moved = {k: getattr(self, k).to(device) for k in
-                 ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        moved = {
+            k: getattr(self, k).to(device)
+            for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+        }
         return Splits(self.info, **moved)
 
 
@@ -157,9 +201,12 @@ def load_splits(
     val, train = perm[:n_val], perm[n_val:]
     return Splits(
         info,
-        _as_float(x[train]), y[train],
-        _as_float(x[val]), y[val],
-        _as_float(x_test), y_test,
+        _as_float(x[train]),
+        y[train],
+        _as_float(x[val]),
+        y[val],
+        _as_float(x_test),
+        y_test,
     )
 
 

@@ -32,8 +32,15 @@ def accuracy(
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             if attack is not None:
-                xb = run_attack(attack.name, model, xb, ce_objective(yb), eps=eps,
-                                steps=attack.steps, step_size=attack.step_size)
+                xb = run_attack(
+                    attack.name,
+                    model,
+                    xb,
+                    ce_objective(yb),
+                    eps=eps,
+                    steps=attack.steps,
+                    step_size=attack.step_size,
+                )
             correct += int(_correct(model, xb, yb).sum())
     return correct / max(len(x), 1)
 

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def soft_kl(
+    student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(p_target^T || p_student^T) with `batchmean` reduction (the true KL per example).
 
     `reduction="mean"` would also divide by the number of classes, a bug common in public KD

@@ -26,8 +26,12 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
 TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
 # Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
-TUNABLE_METRICS = {"val/clean_acc": "max", "val/robust_acc": "max", "val/loss": "min",
-                   "train/loss": "min"}
+TUNABLE_METRICS = {
+    "val/clean_acc": "max",
+    "val/robust_acc": "max",
+    "val/loss": "min",
+    "train/loss": "min",
+}
 
 
 def _fixed_or_range(v: Any) -> str:
@@ -164,9 +168,13 @@ class AttackRun(StrictModel):
 
 
 class EvaluationSpec(StrictModel):
-    attacks: list[AttackRun] = Field(default_factory=lambda: [AttackRun.model_validate(a) for a in ("fgsm", "pgd20")])
+    attacks: list[AttackRun] = Field(
+        default_factory=lambda: [AttackRun.model_validate(a) for a in ("fgsm", "pgd20")]
+    )
     val_attack: AttackRun = Field(default_factory=lambda: AttackRun.model_validate("pgd10"))
-    val_examples: int | None = Field(1000, gt=0, description="validation subset per epoch; null = all")
+    val_examples: int | None = Field(
+        1000, gt=0, description="validation subset per epoch; null = all"
+    )
     test_examples: int | None = Field(None, gt=0, description="null = the whole test split")
     batch_size: int = Field(256, gt=0)
 
@@ -194,7 +202,9 @@ class BudgetSpec(StrictModel):
     @model_validator(mode="after")
     def _grace(self) -> BudgetSpec:
         if self.grace_period > self.epochs:
-            raise ValueError(f"grace_period ({self.grace_period}) must be <= epochs ({self.epochs})")
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must be <= epochs ({self.epochs})"
+            )
         return self
 
 

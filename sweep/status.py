@@ -20,18 +20,24 @@ def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
     if not state_file.exists():
         raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} (give --storage)")
     state = json.loads(state_file.read_text())
-    spec = parse_spec(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), str(sweep_dir / "sweep.yaml"))
+    spec = parse_spec(
+        yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), str(sweep_dir / "sweep.yaml")
+    )
     storage_obj = optuna.storages.RDBStorage(state["optuna"])
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage_obj)}
     S = optuna.trial.TrialState
     obj = spec.objectives[0]
-    lines = [f"sweep {name}: objective {obj.mode} {obj.metric}",
-             f"{'cell':<28} {'done':>5} {'stopped':>8} {'running':>8} {'failed':>7} {'todo':>5}  best"]
+    lines = [
+        f"sweep {name}: objective {obj.mode} {obj.metric}",
+        f"{'cell':<28} {'done':>5} {'stopped':>8} {'running':>8} {'failed':>7} {'todo':>5}  best",
+    ]
     for cell in spec.cells():
         sname = f"{name}/{cell.key}"
         trials = []
         if sname in existing:
-            trials = optuna.load_study(study_name=sname, storage=storage_obj).get_trials(deepcopy=False)
+            trials = optuna.load_study(study_name=sname, storage=storage_obj).get_trials(
+                deepcopy=False
+            )
         count = {st: sum(t.state == st for t in trials) for st in S}
         done = [t for t in trials if t.state == S.COMPLETE]
         best = ""
@@ -40,7 +46,9 @@ def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
             b = pick(done, key=lambda t: t.values[0])
             best = f"{b.values[0]:.4f} ({', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in b.params.items())})"
         todo = spec.budget.trials_per_cell - len(trials)
-        lines.append(f"{cell.key:<28} {count[S.COMPLETE]:>5} {count[S.PRUNED]:>8} "
-                     f"{count[S.RUNNING]:>8} {count[S.FAIL]:>7} {todo:>5}  {best}")
+        lines.append(
+            f"{cell.key:<28} {count[S.COMPLETE]:>5} {count[S.PRUNED]:>8} "
+            f"{count[S.RUNNING]:>8} {count[S.FAIL]:>7} {todo:>5}  {best}"
+        )
     lines.append(f"MLflow: {state['mlflow_tracking_uri']} experiment {state['experiment']}")
     return "\n".join(lines)

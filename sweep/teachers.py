@@ -54,7 +54,9 @@ def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 TEACHER_LOSSES.register("ce")(TeacherLoss(ce_loss, "cross-entropy (maximum likelihood)"))
 TEACHER_LOSSES.register("mse")(
-    TeacherLoss(mse_loss, "MSE between softmax probabilities and one-hot labels (Hamidi et al. 2024)")
+    TeacherLoss(
+        mse_loss, "MSE between softmax probabilities and one-hot labels (Hamidi et al. 2024)"
+    )
 )
 
 

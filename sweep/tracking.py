@@ -10,7 +10,6 @@ open a new one; DESIGN §3.7).
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ MAX_PARAM_LEN = 6000
 def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
     """Make a relative `sqlite:///x.db` absolute, so Ray workers in other directories agree."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
+        rel = uri[len("sqlite:///") :]
         return "sqlite:///" + str(((base or Path.cwd()) / rel).resolve())
     if "://" not in uri:  # a bare path: MLflow 3 refuses file stores, so use SQLite there
         return "sqlite:///" + str(((base or Path.cwd()) / uri).resolve())
@@ -60,7 +59,9 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
 class Tracker:
     """One MLflow experiment (a sweep) and the runs in it."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment: str, artifact_root: str | None = None
+    ) -> None:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
@@ -157,8 +158,13 @@ class Tracker:
         run_id = self.start_run(
             f"teacher:{loss}:{teacher_hash[:8]}",
             params=params,
-            tags={"kind": "teacher", "teacher_hash": teacher_hash, "teacher_loss": loss,
-                  "sweep": sweep, "from_cache": str(not trained).lower()},
+            tags={
+                "kind": "teacher",
+                "teacher_hash": teacher_hash,
+                "teacher_loss": loss,
+                "sweep": sweep,
+                "from_cache": str(not trained).lower(),
+            },
             parent_run_id=parent_run_id,
         )
         self.log_metrics(run_id, metrics, step=0)
@@ -174,9 +180,6 @@ def default_artifact_root(tracking_uri: str, experiment: str) -> str | None:
     """Next to a SQLite database, artifacts go to `mlartifacts/<experiment>` beside it;
     servers choose their own root."""
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+        db = Path(tracking_uri[len("sqlite:///") :])
         return (db.parent / "mlartifacts" / experiment).as_uri()
     return None
-
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

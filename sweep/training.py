@@ -33,7 +33,10 @@ def make_optimizer(params: Any, optim: dict[str, Any]) -> torch.optim.Optimizer:
     if optim["optimizer"] == "adam":
         return torch.optim.Adam(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
     return torch.optim.SGD(
-        params, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+        params,
+        lr=optim["lr"],
+        momentum=optim["momentum"],
+        weight_decay=optim["weight_decay"],
         nesterov=optim["momentum"] > 0,
     )
 

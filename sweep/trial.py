@@ -25,7 +25,7 @@ from .evaluate import accuracy, evaluate_suite
 from .methods import METHODS
 from .models import build_model
 from .spec import TRAINING_PARAMS, SweepSpec, dump_spec
-from .teachers import TEACHER_LOSSES, TeacherCache, TeacherRecord, teacher_hash
+from .teachers import TEACHER_LOSSES, TeacherCache, TeacherRecord
 from .tracking import Tracker
 from .training import (
     Diverged,
@@ -70,8 +70,12 @@ def _cached_splits(**kw: Any) -> Splits:
 def get_splits(spec: SweepSpec, device: torch.device) -> Splits:
     d = spec.dataset
     splits = _cached_splits(
-        name=d.name, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction, split_seed=d.split_seed,
+        name=d.name,
+        data_dir=d.data_dir,
+        download=d.download,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
     )
     return splits.to(device)
 
@@ -84,8 +88,9 @@ def pick_device(spec: SweepSpec) -> torch.device:
 
 def new_model(spec: SweepSpec, arch: str, data: Splits, device: torch.device) -> nn.Module:
     info = data.info
-    return build_model(arch, in_channels=info.shape[0], num_classes=info.num_classes,
-                       mean=info.mean, std=info.std).to(device)
+    return build_model(
+        arch, in_channels=info.shape[0], num_classes=info.num_classes, mean=info.mean, std=info.std
+    ).to(device)
 
 
 def _optim_dict(optim: Any, hp: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -107,12 +112,15 @@ def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[
     ev = spec.evaluation
     with torch.no_grad():
         model.eval()
-        logits = torch.cat([model(x[i : i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)])
+        logits = torch.cat(
+            [model(x[i : i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)]
+        )
         val_loss = torch.nn.functional.cross_entropy(logits, y).item()
     return {
         "val/clean_acc": float((logits.argmax(1) == y).float().mean()),
-        "val/robust_acc": accuracy(model, x, y, attack=ev.val_attack, eps=spec.threat.eps,
-                                   batch_size=ev.batch_size),
+        "val/robust_acc": accuracy(
+            model, x, y, attack=ev.val_attack, eps=spec.threat.eps, batch_size=ev.batch_size
+        ),
         "val/loss": val_loss,
     }
 
@@ -120,8 +128,14 @@ def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[
 def test_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
     """The full suite on the test split: computed once per finished trial, never tuned on."""
     n = spec.evaluation.test_examples or len(data.x_test)
-    return evaluate_suite(model, data.x_test[:n], data.y_test[:n], spec.evaluation.attacks,
-                          eps=spec.threat.eps, batch_size=spec.evaluation.batch_size)
+    return evaluate_suite(
+        model,
+        data.x_test[:n],
+        data.y_test[:n],
+        spec.evaluation.attacks,
+        eps=spec.threat.eps,
+        batch_size=spec.evaluation.batch_size,
+    )
 
 
 # --- teachers --------------------------------------------------------------------------------
@@ -129,8 +143,13 @@ def teacher_identity(spec: SweepSpec, loss: str) -> dict[str, Any]:
     """Everything that defines a teacher, and nothing that does not (paths, sweep name)."""
     d = spec.dataset
     return {
-        "dataset": {"name": d.name, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction,
-                    "split_seed": d.split_seed, "augment": d.augment},
+        "dataset": {
+            "name": d.name,
+            "val_fraction": d.val_fraction,
+            "test_fraction": d.test_fraction,
+            "split_seed": d.split_seed,
+            "augment": d.augment,
+        },
         "arch": spec.teacher.arch,
         "loss": loss,
         "loss_params": TEACHER_LOSSES.get(loss).params,
@@ -147,25 +166,43 @@ def train_teacher(spec: SweepSpec, loss: str, model: nn.Module, data: Splits) ->
     fn, params = TEACHER_LOSSES.get(loss).fn, TEACHER_LOSSES.get(loss).params
     optim = _optim_dict(spec.teacher.optim)
     opt = make_optimizer(model.parameters(), optim)
-    sched = make_schedule(opt, optim["schedule"], spec.teacher.epochs,
-                          steps_per_epoch(len(data.x_train), optim["batch_size"]))
+    sched = make_schedule(
+        opt,
+        optim["schedule"],
+        spec.teacher.epochs,
+        steps_per_epoch(len(data.x_train), optim["batch_size"]),
+    )
     for epoch in range(spec.teacher.epochs):
-        train_epoch(model, data, batch_size=optim["batch_size"], augment_data=spec.dataset.augment,
-                    step_loss=lambda x, y: fn(model(x), y, **params), optimizer=opt, schedule=sched)
+        train_epoch(
+            model,
+            data,
+            batch_size=optim["batch_size"],
+            augment_data=spec.dataset.augment,
+            step_loss=lambda x, y: fn(model(x), y, **params),
+            optimizer=opt,
+            schedule=sched,
+        )
         log.info("teacher %s epoch %d/%d", loss, epoch + 1, spec.teacher.epochs)
     model.eval()
     return {**validation_metrics(spec, model, data), **test_metrics(spec, model, data)}
 
 
-def get_teacher(ctx: SweepContext, loss: str, data: Splits, device: torch.device) -> tuple[nn.Module, TeacherRecord]:
+def get_teacher(
+    ctx: SweepContext, loss: str, data: Splits, device: torch.device
+) -> tuple[nn.Module, TeacherRecord]:
     spec = ctx.spec
     model = new_model(spec, spec.teacher.arch, data, device)
     identity = teacher_identity(spec, loss)
 
     def on_ready(record: TeacherRecord, trained: bool) -> None:
         ctx.tracker().ensure_teacher_run(
-            teacher_hash=record.hash, loss=loss, params=identity, metrics=record.metrics,
-            trained=trained, parent_run_id=ctx.parent_run_id, sweep=spec.name,
+            teacher_hash=record.hash,
+            loss=loss,
+            params=identity,
+            metrics=record.metrics,
+            trained=trained,
+            parent_run_id=ctx.parent_run_id,
+            sweep=spec.name,
         )
 
     record = TeacherCache(ctx.teacher_dir).get_or_train(
@@ -181,8 +218,11 @@ def get_teacher(ctx: SweepContext, loss: str, data: Splits, device: torch.device
 def _rng_state() -> dict[str, Any]:
     """Plain tensors and tuples only, so checkpoints load with weights_only=True."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
@@ -196,21 +236,41 @@ def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """What MLflow records as the run's params: the cell's axes, every resolved hyperparameter,
     and the settings a reader needs to compare runs."""
     return {
-        "teacher_loss": config["teacher_loss"], "method": config["method"],
-        "train_attack": config["train_attack"], **config["hp"],
-        "seed": config["seed"], "epochs": spec.budget.epochs, "dataset": spec.dataset.name,
-        "student_arch": spec.student.arch, "teacher_arch": spec.teacher.arch,
-        "eps": spec.threat.eps, "train_attack_steps": spec.train_attack.steps,
+        "teacher_loss": config["teacher_loss"],
+        "method": config["method"],
+        "train_attack": config["train_attack"],
+        **config["hp"],
+        "seed": config["seed"],
+        "epochs": spec.budget.epochs,
+        "dataset": spec.dataset.name,
+        "student_arch": spec.student.arch,
+        "teacher_arch": spec.teacher.arch,
+        "eps": spec.threat.eps,
+        "train_attack_steps": spec.train_attack.steps,
     }
 
 
-def student_state(model: nn.Module, opt: Any, sched: Any, epoch: int, run_id: str) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-            "epoch": epoch, "mlflow_run_id": run_id, "rng": _rng_state()}
+def student_state(
+    model: nn.Module, opt: Any, sched: Any, epoch: int, run_id: str
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "schedule": sched.state_dict(),
+        "epoch": epoch,
+        "mlflow_run_id": run_id,
+        "rng": _rng_state(),
+    }
 
 
-def finalize(ctx: SweepContext, config: dict[str, Any], model: nn.Module, data: Splits,
-             run_id: str, epoch: int) -> dict[str, float]:
+def finalize(
+    ctx: SweepContext,
+    config: dict[str, Any],
+    model: nn.Module,
+    data: Splits,
+    run_id: str,
+    epoch: int,
+) -> dict[str, float]:
     """Test-set suite, artifacts, FINISHED. Idempotent: a finished run is left alone."""
     tracker = ctx.tracker()
     if tracker.status(run_id) == "FINISHED":
@@ -225,8 +285,13 @@ def finalize(ctx: SweepContext, config: dict[str, Any], model: nn.Module, data: 
     return metrics
 
 
-def run_trial(ctx: SweepContext, config: dict[str, Any], report: Report,
-              resume: dict[str, Any] | None = None, threads: int | None = None) -> None:
+def run_trial(
+    ctx: SweepContext,
+    config: dict[str, Any],
+    report: Report,
+    resume: dict[str, Any] | None = None,
+    threads: int | None = None,
+) -> None:
     """Train one student. `config` holds the cell (teacher_loss, method, train_attack), `hp`
     (tuned values), `seed`, `trial_id` and `cell_index`; `resume` a state from `student_state`."""
     spec = ctx.spec
@@ -248,8 +313,12 @@ def run_trial(ctx: SweepContext, config: dict[str, Any], report: Report,
     student = new_model(spec, spec.student.arch, data, device)
     optim = _optim_dict(spec.student.optim, config["hp"])
     opt = make_optimizer(student.parameters(), optim)
-    sched = make_schedule(opt, optim["schedule"], spec.budget.epochs,
-                          steps_per_epoch(len(data.x_train), optim["batch_size"]))
+    sched = make_schedule(
+        opt,
+        optim["schedule"],
+        spec.budget.epochs,
+        steps_per_epoch(len(data.x_train), optim["batch_size"]),
+    )
     start = 0
     if resume:
         student.load_state_dict(resume["model"])
@@ -261,10 +330,17 @@ def run_trial(ctx: SweepContext, config: dict[str, Any], report: Report,
         run_id = tracker.start_run(
             f"{config['cell']}#{config['cell_index']}",
             params=trial_params(spec, config),
-            tags={"kind": "student", "sweep": spec.name, "cell": config["cell"],
-                  "teacher_loss": config["teacher_loss"], "method": config["method"],
-                  "train_attack": config["train_attack"], "trial_id": config.get("trial_id", ""),
-                  "optuna_trial": str(config.get("optuna_number", "")), "teacher_hash": t_hash},
+            tags={
+                "kind": "student",
+                "sweep": spec.name,
+                "cell": config["cell"],
+                "teacher_loss": config["teacher_loss"],
+                "method": config["method"],
+                "train_attack": config["train_attack"],
+                "trial_id": config.get("trial_id", ""),
+                "optuna_trial": str(config.get("optuna_number", "")),
+                "teacher_hash": t_hash,
+            },
             parent_run_id=ctx.parent_run_id,
         )
 
@@ -273,16 +349,28 @@ def run_trial(ctx: SweepContext, config: dict[str, Any], report: Report,
     def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from .attacks import run_attack
 
-        x_adv = run_attack(config["train_attack"], student, x,
-                           method.inner_objective(student, teachers, x, y), eps=eps,
-                           steps=spec.train_attack.steps, step_size=spec.train_attack.step_size)
+        x_adv = run_attack(
+            config["train_attack"],
+            student,
+            x,
+            method.inner_objective(student, teachers, x, y),
+            eps=eps,
+            steps=spec.train_attack.steps,
+            step_size=spec.train_attack.step_size,
+        )
         return method.loss(student, teachers, x, x_adv, y)
 
     try:
         for epoch in range(start + 1, spec.budget.epochs + 1):
-            train_loss = train_epoch(student, data, batch_size=optim["batch_size"],
-                                     augment_data=spec.dataset.augment, step_loss=step_loss,
-                                     optimizer=opt, schedule=sched)
+            train_loss = train_epoch(
+                student,
+                data,
+                batch_size=optim["batch_size"],
+                augment_data=spec.dataset.augment,
+                step_loss=step_loss,
+                optimizer=opt,
+                schedule=sched,
+            )
             metrics = {"train/loss": train_loss, **validation_metrics(spec, student, data)}
             tracker.log_metrics(run_id, metrics, step=epoch)
             if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there
@@ -296,7 +384,9 @@ def run_trial(ctx: SweepContext, config: dict[str, Any], report: Report,
         raise
 
 
-def finalize_from_state(ctx: SweepContext, config: dict[str, Any], state: dict[str, Any]) -> dict[str, float]:
+def finalize_from_state(
+    ctx: SweepContext, config: dict[str, Any], state: dict[str, Any]
+) -> dict[str, float]:
     """For a trial stopped early by ASHA: evaluate its last checkpoint and finish its run."""
     seed_everything(config["seed"])
     device = pick_device(ctx.spec)

@@ -23,7 +23,7 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from .space import is_searched
@@ -72,7 +72,9 @@ class CellSearcher(Searcher):
         state["_studies"] = {}
         return state
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
         return True
 
     def study(self, key: str) -> optuna.Study:
@@ -81,7 +83,9 @@ class CellSearcher(Searcher):
             self._studies[key] = optuna.create_study(
                 study_name=study_name(self.spec.name, key),
                 storage=optuna.storages.RDBStorage(self.optuna_url),
-                directions=[("maximize" if o.mode == "max" else "minimize") for o in self.spec.objectives],
+                directions=[
+                    ("maximize" if o.mode == "max" else "minimize") for o in self.spec.objectives
+                ],
                 sampler=make_sampler(self.spec, index),
                 load_if_exists=True,
             )
@@ -105,9 +109,15 @@ class CellSearcher(Searcher):
         self.live[trial_id] = (cell.key, ot._trial_id, ot.number)
         hp = {k: v for k, v in space.items() if not is_searched(v)} | ot.params
         return {
-            "cell": cell.key, "teacher_loss": cell.teacher_loss, "method": cell.method,
-            "train_attack": cell.train_attack, "hp": hp, "seed": self.spec.seed + index,
-            "cell_index": index, "optuna_number": ot.number, "trial_id": trial_id,
+            "cell": cell.key,
+            "teacher_loss": cell.teacher_loss,
+            "method": cell.method,
+            "train_attack": cell.train_attack,
+            "hp": hp,
+            "seed": self.spec.seed + index,
+            "cell_index": index,
+            "optuna_number": ot.number,
+            "trial_id": trial_id,
         }
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -116,9 +126,13 @@ class CellSearcher(Searcher):
         key, ot_id, _ = self.live[trial_id]
         metric = self.spec.objectives[0].metric
         if metric in result and "epoch" in result:
-            self.study(key)._storage.set_trial_intermediate_value(ot_id, int(result["epoch"]), float(result[metric]))
+            self.study(key)._storage.set_trial_intermediate_value(
+                ot_id, int(result["epoch"]), float(result[metric])
+            )
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         if trial_id not in self.live:
             return
         key, _, number = self.live.pop(trial_id)
@@ -146,9 +160,14 @@ class CellASHA(FIFOScheduler):
     def __init__(self, spec: SweepSpec) -> None:
         super().__init__()
         b, o = spec.budget, spec.objectives[0]
-        self._kw = dict(time_attr="training_iteration", metric=o.metric, mode=o.mode,
-                        max_t=b.epochs, grace_period=b.grace_period,
-                        reduction_factor=b.reduction_factor)
+        self._kw = dict(
+            time_attr="training_iteration",
+            metric=o.metric,
+            mode=o.mode,
+            max_t=b.epochs,
+            grace_period=b.grace_period,
+            reduction_factor=b.reduction_factor,
+        )
         self._per_cell: dict[str, AsyncHyperBandScheduler] = {}
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -215,9 +234,12 @@ class Progress(tune.Callback):
         metric = self.spec.objectives[0].metric
         val = r.get(metric)
         shown = f"{metric}={val:.4f}" if isinstance(val, float) else "no result"
-        print(f"[{self.done}/{self.total} trials, {time.time() - self.t0:.0f}s] "
-              f"{c.get('cell')}#{c.get('cell_index')} {what}: {shown} "
-              f"(epoch {r.get('epoch', 0)}/{self.spec.budget.epochs})", flush=True)
+        print(
+            f"[{self.done}/{self.total} trials, {time.time() - self.t0:.0f}s] "
+            f"{c.get('cell')}#{c.get('cell_index')} {what}: {shown} "
+            f"(epoch {r.get('epoch', 0)}/{self.spec.budget.epochs})",
+            flush=True,
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, "done")
@@ -229,8 +251,12 @@ class Progress(tune.Callback):
 # --- the driver ---------------------------------------------------------------------------------
 def sweep_paths(spec: SweepSpec) -> dict[str, Path]:
     root = Path(spec.storage.path).expanduser().resolve()
-    return {"root": root, "sweep": root / spec.name, "tune": root / spec.name / "tune",
-            "teachers": root / "teachers"}
+    return {
+        "root": root,
+        "sweep": root / spec.name,
+        "tune": root / spec.name / "tune",
+        "teachers": root / "teachers",
+    }
 
 
 def optuna_url(spec: SweepSpec) -> str:
@@ -256,7 +282,11 @@ def _finalize_early_stopped(ctx: SweepContext, results: Any) -> int:
     res = spec.resources
     todo = []
     for r in results:
-        if r.error is None and r.checkpoint is not None and r.metrics.get("epoch", 0) < spec.budget.epochs:
+        if (
+            r.error is None
+            and r.checkpoint is not None
+            and r.metrics.get("epoch", 0) < spec.budget.epochs
+        ):
             todo.append((r.config, r.checkpoint))
     if not todo:
         return 0
@@ -289,16 +319,29 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
     tracker = Tracker(uri, experiment, default_artifact_root(uri, experiment))
     cells = spec.cells()
     total = len(cells) * spec.budget.trials_per_cell
-    parent = tracker.start_run(spec.name, tags={"kind": "sweep", "sweep": spec.name},
-                               params={"cells": len(cells), "trials": total})
+    parent = tracker.start_run(
+        spec.name,
+        tags={"kind": "sweep", "sweep": spec.name},
+        params={"cells": len(cells), "trials": total},
+    )
     tracker.log_artifacts(parent, {"sweep.yaml": dump_spec(spec)})
-    (paths["sweep"] / "state.json").write_text(json.dumps(
-        {"mlflow_tracking_uri": uri, "experiment": experiment,
-         "experiment_id": tracker.experiment_id, "parent_run_id": parent,
-         "optuna": optuna_url(spec)}, indent=2))
-    print(f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials = {total} "
-          f"trials, {spec.budget.epochs} epochs each\nMLflow: {ui_hint(uri, tracker.experiment_id)}",
-          flush=True)
+    (paths["sweep"] / "state.json").write_text(
+        json.dumps(
+            {
+                "mlflow_tracking_uri": uri,
+                "experiment": experiment,
+                "experiment_id": tracker.experiment_id,
+                "parent_run_id": parent,
+                "optuna": optuna_url(spec),
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials = {total} "
+        f"trials, {spec.budget.epochs} epochs each\nMLflow: {ui_hint(uri, tracker.experiment_id)}",
+        flush=True,
+    )
 
     ctx = SweepContext(spec, str(paths["sweep"]), str(paths["teachers"]), uri, experiment, parent)
     init_ray(address, spec)
@@ -307,8 +350,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     res = spec.resources
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, ctx=ctx),
-                            {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
+        tune.with_resources(
+            tune.with_parameters(trainable, ctx=ctx),
+            {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
+        ),
         tune_config=tune.TuneConfig(
             search_alg=CellSearcher(spec, optuna_url(spec)),
             scheduler=CellASHA(spec),
@@ -329,7 +374,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
     failed = sum(r.error is not None for r in results)
     tracker.set_tags(parent, {"trials": str(len(results)), "failed": str(failed)})
     tracker.finish(parent)
-    print(f"sweep {spec.name} finished: {len(results)} trials, {failed} failed\n"
-          f"status: sweep status {spec.name} --storage {paths['root']}\n"
-          f"MLflow: {ui_hint(uri, tracker.experiment_id)}", flush=True)
+    print(
+        f"sweep {spec.name} finished: {len(results)} trials, {failed} failed\n"
+        f"status: sweep status {spec.name} --storage {paths['root']}\n"
+        f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
+        flush=True,
+    )
     return results

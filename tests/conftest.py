@@ -21,14 +21,22 @@ def tiny_spec_dict(tmp_path, **over):
         "grid": {"teacher_loss": ["ce", "mse"], "method": ["kd", "ard"], "train_attack": ["pgd"]},
         "threat": {"eps": 0.1},
         "train_attack": {"steps": 2},
-        "search_space": {"temperature": {"type": "float", "low": 1.0, "high": 4.0},
-                         "alpha": {"type": "float", "low": 0.2, "high": 0.8}},
+        "search_space": {
+            "temperature": {"type": "float", "low": 1.0, "high": 4.0},
+            "alpha": {"type": "float", "low": 0.2, "high": 0.8},
+        },
         "budget": {"trials_per_cell": 2, "epochs": 2, "grace_period": 2},
-        "evaluation": {"attacks": ["fgsm", "pgd20"], "val_attack": "pgd5",
-                       "val_examples": 100, "test_examples": 100},
+        "evaluation": {
+            "attacks": ["fgsm", "pgd20"],
+            "val_attack": "pgd5",
+            "val_examples": 100,
+            "test_examples": 100,
+        },
         "resources": {"cpus_per_trial": 1},
-        "storage": {"path": str(tmp_path / "sweeps"),
-                    "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "storage": {
+            "path": str(tmp_path / "sweeps"),
+            "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
     }
     for k, v in over.items():
         spec[k] = v

@@ -66,7 +66,9 @@ def test_pgd_increases_the_loss_it_maximises_more_than_random_noise():
     with torch.no_grad():
         clean = F.cross_entropy(model(x), y).item()
         noisy = F.cross_entropy(model(noise), y).item()
-        adv = F.cross_entropy(model(run_attack("pgd", model, x, ce_objective(y), eps=0.1, steps=10)), y).item()
+        adv = F.cross_entropy(
+            model(run_attack("pgd", model, x, ce_objective(y), eps=0.1, steps=10)), y
+        ).item()
     assert adv > clean + 1.0
     assert adv > noisy + 1.0
 

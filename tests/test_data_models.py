@@ -30,8 +30,11 @@ def test_augment_crops_are_shifts_of_the_reflect_padded_image():
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
     for i in range(32):
-        assert any(torch.equal(out[i], padded[i, :, di:di + 6, dj:dj + 6])
-                   for di in range(3) for dj in range(3))
+        assert any(
+            torch.equal(out[i], padded[i, :, di : di + 6, dj : dj + 6])
+            for di in range(3)
+            for dj in range(3)
+        )
     assert not torch.equal(out, x)
 
 
@@ -47,7 +50,9 @@ def test_augment_flip_mirrors_about_half_of_a_batch():
 
 @pytest.mark.parametrize("arch", MODELS.names())
 def test_every_model_maps_images_to_logits_and_normalises_first(arch):
-    m = build_model(arch, in_channels=3, num_classes=7, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).eval()
+    m = build_model(
+        arch, in_channels=3, num_classes=7, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+    ).eval()
     x = torch.rand(2, 3, 32, 32)
     assert m(x).shape == (2, 7)
     assert torch.allclose(m[0](x), (x - 0.5) / 0.25)

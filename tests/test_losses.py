@@ -103,7 +103,11 @@ def test_ard_loss_uses_clean_teacher_adversarial_student_and_clean_ce():
     hp = {"temperature": 2.0, "alpha": 0.6}
     got = METHODS.get("ard")(hp).loss(student, [teacher], x, x_adv, y)
     s_adv, t_clean = student(x_adv), teacher(x)
-    kl = (F.softmax(t_clean / 2, 1) * (F.log_softmax(t_clean / 2, 1) - F.log_softmax(s_adv / 2, 1))).sum(1).mean()
+    kl = (
+        (F.softmax(t_clean / 2, 1) * (F.log_softmax(t_clean / 2, 1) - F.log_softmax(s_adv / 2, 1)))
+        .sum(1)
+        .mean()
+    )
     expected = 0.6 * 4 * kl + 0.4 * F.cross_entropy(student(x), y)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     # and it is not KD on adversarial inputs
@@ -119,7 +123,9 @@ def test_ce_method_is_cross_entropy_on_training_input():
 
 def test_teacher_gets_no_gradient_from_student_loss():
     student, teacher, x, x_adv, y = _nets()
-    loss = METHODS.get("kd")({"temperature": 2.0, "alpha": 0.5}).loss(student, [teacher], x, x_adv, y)
+    loss = METHODS.get("kd")({"temperature": 2.0, "alpha": 0.5}).loss(
+        student, [teacher], x, x_adv, y
+    )
     loss.backward()
     assert teacher.w.grad is None
     assert student.w.grad is not None and student.w.grad.abs().sum() > 0

@@ -29,29 +29,102 @@ def _problems(data):
 @pytest.mark.parametrize(
     "data, field, words",
     [
-        ({"name": "x", "grid": _grid(method=["kd", "rslad_typo"])}, "grid.method", ["rslad_typo", "allowed: ard, ce, kd"]),
-        ({"name": "x", "grid": _grid(teacher_loss=["cross"])}, "grid.teacher_loss", ["cross", "allowed: ce, mse"]),
-        ({"name": "x", "grid": _grid(train_attack=["cw"])}, "grid.train_attack", ["cw", "allowed: fgsm, none, pgd"]),
-        ({"name": "x", "grid": _grid(), "dataset": {"name": "imagenet"}}, "dataset.name", ["imagenet", "cifar10"]),
-        ({"name": "x", "grid": _grid(), "student": {"arch": "vit"}}, "student.arch", ["vit", "resnet18"]),
-        ({"name": "x", "grid": _grid(), "evaluation": {"attacks": ["pgd20", "deepfool"]}}, "evaluation.attacks[1].name", ["deepfool"]),
-        ({"name": "x", "grid": _grid(), "threat": {"eps": -0.1}}, "threat.eps", ["greater than or equal to 0"]),
-        ({"name": "x", "grid": _grid(), "threat": {"eps": 8}}, "threat.eps", ["less than or equal to 1"]),
-        ({"name": "x", "grid": _grid(), "search_space": {"temperature": {"type": "float", "low": 5, "high": 1}}},
-         "search_space.temperature", ["low (5.0) must not be greater than high (1.0)"]),
-        ({"name": "x", "grid": _grid(), "search_space": {"lr": {"type": "log_float", "low": 0, "high": 0.1}}},
-         "search_space.lr", ["log range must have low > 0"]),
-        ({"name": "x", "grid": _grid(), "budget": {"epochs": "ten"}}, "budget.epochs", ["valid integer", "ten"]),
+        (
+            {"name": "x", "grid": _grid(method=["kd", "rslad_typo"])},
+            "grid.method",
+            ["rslad_typo", "allowed: ard, ce, kd"],
+        ),
+        (
+            {"name": "x", "grid": _grid(teacher_loss=["cross"])},
+            "grid.teacher_loss",
+            ["cross", "allowed: ce, mse"],
+        ),
+        (
+            {"name": "x", "grid": _grid(train_attack=["cw"])},
+            "grid.train_attack",
+            ["cw", "allowed: fgsm, none, pgd"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "dataset": {"name": "imagenet"}},
+            "dataset.name",
+            ["imagenet", "cifar10"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "student": {"arch": "vit"}},
+            "student.arch",
+            ["vit", "resnet18"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "evaluation": {"attacks": ["pgd20", "deepfool"]}},
+            "evaluation.attacks[1].name",
+            ["deepfool"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "threat": {"eps": -0.1}},
+            "threat.eps",
+            ["greater than or equal to 0"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "threat": {"eps": 8}},
+            "threat.eps",
+            ["less than or equal to 1"],
+        ),
+        (
+            {
+                "name": "x",
+                "grid": _grid(),
+                "search_space": {"temperature": {"type": "float", "low": 5, "high": 1}},
+            },
+            "search_space.temperature",
+            ["low (5.0) must not be greater than high (1.0)"],
+        ),
+        (
+            {
+                "name": "x",
+                "grid": _grid(),
+                "search_space": {"lr": {"type": "log_float", "low": 0, "high": 0.1}},
+            },
+            "search_space.lr",
+            ["log range must have low > 0"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "budget": {"epochs": "ten"}},
+            "budget.epochs",
+            ["valid integer", "ten"],
+        ),
         ({"grid": _grid()}, "name", ["required"]),
         ({"name": "x"}, "grid", ["required"]),
-        ({"name": "x", "grid": _grid(), "search_space": {"temprature": 4.0}}, "search_space.temprature",
-         ["not a hyperparameter", "temperature"]),
-        ({"name": "x", "grid": _grid(), "budget": {"trails_per_cell": 3}}, "budget", ["trails_per_cell", "did you mean 'trials_per_cell'"]),
+        (
+            {"name": "x", "grid": _grid(), "search_space": {"temprature": 4.0}},
+            "search_space.temprature",
+            ["not a hyperparameter", "temperature"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "budget": {"trails_per_cell": 3}},
+            "budget",
+            ["trails_per_cell", "did you mean 'trials_per_cell'"],
+        ),
         ({"name": "x", "grid": _grid(method=[])}, "grid.method", ["at least 1 item"]),
-        ({"name": "x", "grid": _grid(), "objective": {"metric": "test/robust_acc/pgd20"}}, "objective.metric", ["test metric"]),
-        ({"name": "x", "grid": _grid(method=["ard"], train_attack=["none"])}, "grid.method", ["needs a training attack"]),
-        ({"name": "x", "grid": _grid(), "method_search_space": {"ard": {"alpha": 0.5}}}, "method_search_space.ard", ["not a method of the grid"]),
-        ({"name": "x", "grid": _grid(), "budget": {"epochs": 2, "grace_period": 5}}, "budget", ["grace_period (5) must be <= epochs (2)"]),
+        (
+            {"name": "x", "grid": _grid(), "objective": {"metric": "test/robust_acc/pgd20"}},
+            "objective.metric",
+            ["test metric"],
+        ),
+        (
+            {"name": "x", "grid": _grid(method=["ard"], train_attack=["none"])},
+            "grid.method",
+            ["needs a training attack"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "method_search_space": {"ard": {"alpha": 0.5}}},
+            "method_search_space.ard",
+            ["not a method of the grid"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "budget": {"epochs": 2, "grace_period": 5}},
+            "budget",
+            ["grace_period (5) must be <= epochs (2)"],
+        ),
     ],
 )
 def test_bad_field_is_named_with_what_is_allowed(data, field, words):
@@ -72,19 +145,34 @@ def test_good_file_gets_defaults_and_round_trips(tmp_path):
 
 
 def test_cells_cover_the_grid_and_teacherless_methods_run_once():
-    spec = parse_spec({"name": "x", "grid": {"teacher_loss": ["ce", "mse"], "method": ["ce", "kd"],
-                                             "train_attack": ["none", "pgd"]}})
+    spec = parse_spec(
+        {
+            "name": "x",
+            "grid": {
+                "teacher_loss": ["ce", "mse"],
+                "method": ["ce", "kd"],
+                "train_attack": ["none", "pgd"],
+            },
+        }
+    )
     keys = sorted(c.key for c in spec.cells())
-    assert keys == sorted(["ce.kd.none", "mse.kd.none", "ce.kd.pgd", "mse.kd.pgd",
-                           "none.ce.none", "none.ce.pgd"])
+    assert keys == sorted(
+        ["ce.kd.none", "mse.kd.none", "ce.kd.pgd", "mse.kd.pgd", "none.ce.none", "none.ce.pgd"]
+    )
 
 
 def test_space_resolution_defaults_then_global_then_per_method():
-    spec = parse_spec({
-        "name": "x", "grid": _grid(method=["kd", "ard"]),
-        "search_space": {"temperature": 4.0, "lr": {"type": "log_float", "low": 0.01, "high": 0.1}},
-        "method_search_space": {"ard": {"alpha": 0.9}},
-    })
+    spec = parse_spec(
+        {
+            "name": "x",
+            "grid": _grid(method=["kd", "ard"]),
+            "search_space": {
+                "temperature": 4.0,
+                "lr": {"type": "log_float", "low": 0.01, "high": 0.1},
+            },
+            "method_search_space": {"ard": {"alpha": 0.9}},
+        }
+    )
     kd, ard = spec.cell_space("kd"), spec.cell_space("ard")
     assert kd["temperature"] == 4.0 and ard["temperature"] == 4.0
     assert ard["alpha"] == 0.9 and kd["alpha"].low == 0.1  # kd keeps the method's default range
@@ -93,19 +181,31 @@ def test_space_resolution_defaults_then_global_then_per_method():
 
 # --- through the CLI: exit status 2, no traceback, Ray never imported -------------------------
 def _cli(*args, cwd):
-    code = ("import sys; from sweep.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd)
+    code = (
+        "import sys; from sweep.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ("name: x\ngrid: {teacher_loss: [ce], method: [kdd], train_attack: [pgd]}\n", "grid.method: unknown method 'kdd'"),
-        ("name: x\ngrid: {teacher_loss: [ce], method: [kd], train_attack: [pgd]\n", "YAML does not parse: line"),
-        ("name: x\ngrid: {teacher_loss: [ce], method: [kd], train_attack: [pgd]}\nsearch_space: {temprature: 3}\n",
-         "search_space.temprature"),
+        (
+            "name: x\ngrid: {teacher_loss: [ce], method: [kdd], train_attack: [pgd]}\n",
+            "grid.method: unknown method 'kdd'",
+        ),
+        (
+            "name: x\ngrid: {teacher_loss: [ce], method: [kd], train_attack: [pgd]\n",
+            "YAML does not parse: line",
+        ),
+        (
+            "name: x\ngrid: {teacher_loss: [ce], method: [kd], train_attack: [pgd]}\nsearch_space: {temprature: 3}\n",
+            "search_space.temprature",
+        ),
         (None, "no such file"),
     ],
 )
@@ -135,3 +235,18 @@ def test_every_shipped_sweep_file_is_valid():
     for f in files:
         load_spec(f)
         yaml.safe_load(f.read_text())
+
+
+def test_list_json_shows_every_registry_with_method_details(tmp_path):
+    import json
+
+    r = _cli("list", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    listing = json.loads(r.stdout)
+    assert set(listing["methods"]) == {"ce", "kd", "ard"}
+    assert listing["methods"]["ard"]["teachers"] == 1 and listing["methods"]["ard"]["needs_attack"]
+    assert listing["methods"]["kd"]["space"]["temperature"] == "[1, 10]"
+    assert set(listing["teacher_losses"]) == {"ce", "mse"}
+    assert {"digits", "mnist", "cifar10", "cifar100", "svhn"} <= set(listing["datasets"])
+    assert {"none", "fgsm", "pgd"} <= set(listing["attacks"])
+    assert {"small_cnn", "resnet18"} <= set(listing["models"])

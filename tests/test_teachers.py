@@ -65,7 +65,9 @@ def test_processes_starting_together_train_one_teacher(tmp_path):
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(4)
     log = tmp_path / "log.txt"
-    procs = [ctx.Process(target=_worker, args=(str(tmp_path / "c"), str(log), barrier)) for _ in range(4)]
+    procs = [
+        ctx.Process(target=_worker, args=(str(tmp_path / "c"), str(log), barrier)) for _ in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -7,10 +7,18 @@ from conftest import tiny_spec_dict
 
 from sweep.spec import parse_spec
 from sweep.tracking import Tracker
+from sweep.training import Diverged
 from sweep.trial import SweepContext, finalize_from_state, run_trial
 
-CONFIG = {"cell": "ce.kd.pgd", "teacher_loss": "ce", "method": "kd", "train_attack": "pgd",
-          "hp": {"temperature": 2.0, "alpha": 0.5}, "seed": 0, "cell_index": 0}
+CONFIG = {
+    "cell": "ce.kd.pgd",
+    "teacher_loss": "ce",
+    "method": "kd",
+    "train_attack": "pgd",
+    "hp": {"temperature": 2.0, "alpha": 0.5},
+    "seed": 0,
+    "cell_index": 0,
+}
 
 
 def _ctx(tmp_path, name="t"):
@@ -34,7 +42,9 @@ def test_trial_reports_validation_only_and_tests_once_at_the_end(tmp_path):
     tracker = ctx.tracker()
     (run,) = tracker.runs("student")
     assert run.info.status == "FINISHED"
-    assert {"test/clean_acc", "test/robust_acc/fgsm", "test/robust_acc/pgd20"} <= set(run.data.metrics)
+    assert {"test/clean_acc", "test/robust_acc/fgsm", "test/robust_acc/pgd20"} <= set(
+        run.data.metrics
+    )
     assert run.data.params["temperature"] == "2.0" and run.data.params["alpha"] == "0.5"
     history = tracker.client.get_metric_history(run.info.run_id, "val/robust_acc")
     assert sorted(h.step for h in history) == [1, 2]
@@ -87,7 +97,9 @@ def test_resumed_trial_continues_the_same_run_without_repeating_epochs(tmp_path)
     run_trial(ctx, CONFIG, lambda m, s: resumed.append(m), resume=states[0])
     assert [m["epoch"] for m in resumed] == [2]
     (run,) = ctx.tracker().runs("student")
-    steps = [h.step for h in ctx.tracker().client.get_metric_history(run.info.run_id, "val/clean_acc")]
+    steps = [
+        h.step for h in ctx.tracker().client.get_metric_history(run.info.run_id, "val/clean_acc")
+    ]
     assert sorted(steps) == [1, 2]
     # and the result equals an uninterrupted run's
     straight = []
@@ -98,7 +110,7 @@ def test_resumed_trial_continues_the_same_run_without_repeating_epochs(tmp_path)
 def test_diverging_trial_fails_with_reason(tmp_path):
     ctx = _ctx(tmp_path)
     bad = {**CONFIG, "hp": {"temperature": 2.0, "alpha": 0.5, "lr": float("inf")}}
-    with pytest.raises(Exception):
+    with pytest.raises(Diverged):
         run_trial(ctx, bad, lambda m, s: None)
     (run,) = ctx.tracker().runs("student")
     assert run.info.status == "FAILED"

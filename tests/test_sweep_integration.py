@@ -1,0 +1,139 @@
+"""A tiny sweep through real Ray, Optuna and MLflow, driven by the CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+from conftest import tiny_spec_dict
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+
+def _sweep(tmp_path, *args):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sweep.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _student_metrics(client, exp_id):
+    runs = client.search_runs([exp_id], "tags.kind = 'student'", max_results=100)
+    return runs, {
+        (r.data.tags["cell"], r.data.params["seed"]): {
+            k: v for k, v in r.data.metrics.items() if k.startswith("test/")
+        }
+        for r in runs
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec_dict(tmp_path)))
+    first = _sweep(tmp_path, "run", "tiny.yaml")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _sweep(tmp_path, "run", "tiny.yaml", "--name", "tiny-again")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return tmp_path, first, second
+
+
+def test_every_trial_lands_in_mlflow_with_params_and_test_metrics(tiny_sweep):
+    tmp_path, first, _ = tiny_sweep
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs, metrics = _student_metrics(client, exp.experiment_id)
+    assert len(runs) == 4 * 2
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"temperature", "alpha", "teacher_loss", "method", "train_attack"} <= set(
+            r.data.params
+        )
+        assert 1.0 <= float(r.data.params["temperature"]) <= 4.0
+        assert {
+            "test/clean_acc",
+            "test/robust_acc/fgsm",
+            "test/robust_acc/pgd20",
+            "val/robust_acc",
+        } <= set(r.data.metrics)
+        assert 0 <= r.data.metrics["test/robust_acc/pgd20"] <= r.data.metrics["test/clean_acc"]
+    assert {r.data.tags["cell"] for r in runs} == {
+        "ce.kd.pgd",
+        "mse.kd.pgd",
+        "ce.ard.pgd",
+        "mse.ard.pgd",
+    }
+    # one teacher run per distinct teacher, however many trials used it
+    teachers = client.search_runs([exp.experiment_id], "tags.kind = 'teacher'")
+    assert sorted(t.data.tags["teacher_loss"] for t in teachers) == ["ce", "mse"]
+    hashes = {t.data.tags["teacher_hash"] for t in teachers}
+    assert {r.data.tags["teacher_hash"] for r in runs} == hashes
+    assert "#/experiments/" in first.stdout
+
+
+def test_each_cell_has_its_own_optuna_study_filled_to_budget(tiny_sweep):
+    tmp_path, _, _ = tiny_sweep
+    state = json.loads((tmp_path / "sweeps" / "tiny" / "state.json").read_text())
+    storage = optuna.storages.RDBStorage(state["optuna"])
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert names == sorted(
+        f"tiny/{c}" for c in ("ce.kd.pgd", "mse.kd.pgd", "ce.ard.pgd", "mse.ard.pgd")
+    )
+    for name in names:
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+        assert len(trials) == 2
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        assert all(set(t.params) == {"temperature", "alpha"} for t in trials)
+        # Optuna saw validation values only: each equals the run's last val/robust_acc
+        assert all(0 <= t.value <= 1 for t in trials)
+
+
+def test_tune_ran_one_experiment_with_checkpoints(tiny_sweep):
+    tmp_path, _, _ = tiny_sweep
+    tune_dir = tmp_path / "sweeps" / "tiny" / "tune"
+    trial_dirs = [d for d in tune_dir.iterdir() if d.is_dir() and d.name.startswith("trainable")]
+    assert len(trial_dirs) == 8
+    assert all(any(p.name.startswith("checkpoint_") for p in d.iterdir()) for d in trial_dirs)
+
+
+def test_same_file_and_seed_give_same_metrics_and_reuse_teachers(tiny_sweep):
+    tmp_path, _, second = tiny_sweep
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, a = _student_metrics(client, client.get_experiment_by_name("tiny").experiment_id)
+    again = client.get_experiment_by_name("tiny-again").experiment_id
+    _, b = _student_metrics(client, again)
+    assert a == b and len(a) == 8
+    teachers = client.search_runs([again], "tags.kind = 'teacher'")
+    assert len(teachers) == 2 and all(t.data.tags["from_cache"] == "true" for t in teachers)
+    assert len(list((tmp_path / "sweeps" / "teachers").glob("*/teacher.pt"))) == 2
+
+
+def test_status_reports_every_cell(tiny_sweep):
+    tmp_path, _, _ = tiny_sweep
+    r = _sweep(tmp_path, "status", "tiny", "--storage", str(tmp_path / "sweeps"))
+    assert r.returncode == 0, r.stderr
+    for cell in ("ce.kd.pgd", "mse.kd.pgd", "ce.ard.pgd", "mse.ard.pgd"):
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith(cell))
+        assert line.split()[1:6] == ["2", "0", "0", "0", "0"]
+
+
+def test_running_an_existing_sweep_again_is_refused(tiny_sweep):
+    tmp_path, _, _ = tiny_sweep
+    r = _sweep(tmp_path, "run", "tiny.yaml")
+    assert r.returncode == 2
+    assert "already exists" in r.stderr and "--name" in r.stderr
