@@ -91,63 +91,78 @@ def _torchvision_loader(cls_name: str, split_kw: str) -> Callable[[Path, bool], 
 
 
 _register(
-    DatasetInfo("digits", 10, (1, 8, 8), (0.3055,), (0.3759,), False, 1, True, False, _load_digits)
-)
-_register(
     DatasetInfo(
-        "mnist",
+        "digits",
         10,
-        (1, 28, 28),
-        (0.1307,),
-        (0.3081,),
-        False,
-        2,
-        False,
-        True,
-        _torchvision_loader("MNIST", "train"),
+        (1, 8, 8),
+        (0.3053,),
+        (0.3760,),
+        flip=False,
+        crop_pad=1,
+        bundled=True,
+        has_test_split=False,
+        load=_load_digits,
     )
 )
-_register(
-    DatasetInfo(
-        "cifar10",
-        10,
-        (3, 32, 32),
-        (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616),
-        True,
-        4,
-        False,
-        True,
-        _torchvision_loader("CIFAR10", "train"),
+
+
+def _torchvision(
+    name: str,
+    cls: str,
+    classes: int,
+    shape: tuple[int, int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    flip: bool,
+    split_kw: str,
+) -> None:
+    pad = 2 if shape[1] == 28 else 4
+    _register(
+        DatasetInfo(
+            name,
+            classes,
+            shape,
+            mean,
+            std,
+            flip=flip,
+            crop_pad=pad,
+            bundled=False,
+            has_test_split=True,
+            load=_torchvision_loader(cls, split_kw),
+        )
     )
+
+
+_torchvision("mnist", "MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), False, "train")
+_torchvision(
+    "cifar10",
+    "CIFAR10",
+    10,
+    (3, 32, 32),
+    (0.4914, 0.4822, 0.4465),
+    (0.2470, 0.2435, 0.2616),
+    True,
+    "train",
 )
-_register(
-    DatasetInfo(
-        "cifar100",
-        100,
-        (3, 32, 32),
-        (0.5071, 0.4865, 0.4409),
-        (0.2673, 0.2564, 0.2762),
-        True,
-        4,
-        False,
-        True,
-        _torchvision_loader("CIFAR100", "train"),
-    )
+_torchvision(
+    "cifar100",
+    "CIFAR100",
+    100,
+    (3, 32, 32),
+    (0.5071, 0.4865, 0.4409),
+    (0.2673, 0.2564, 0.2762),
+    True,
+    "train",
 )
-_register(
-    DatasetInfo(
-        "svhn",
-        10,
-        (3, 32, 32),
-        (0.4377, 0.4438, 0.4728),
-        (0.1980, 0.2010, 0.1970),
-        False,
-        4,
-        False,
-        True,
-        _torchvision_loader("SVHN", "split"),
-    )
+_torchvision(
+    "svhn",
+    "SVHN",
+    10,
+    (3, 32, 32),
+    (0.4377, 0.4438, 0.4728),
+    (0.1980, 0.2010, 0.1970),
+    False,
+    "split",
 )
 
 

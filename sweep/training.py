@@ -56,6 +56,15 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+def make_optimization(
+    model: nn.Module, optim: dict[str, Any], epochs: int, n_train: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Optimiser and per-step schedule over `epochs` passes of `n_train` examples."""
+    opt = make_optimizer(model.parameters(), optim)
+    steps = steps_per_epoch(n_train, optim["batch_size"])
+    return opt, make_schedule(opt, optim["schedule"], epochs, steps)
+
+
 def train_epoch(
     model: nn.Module,
     data: Splits,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import random
 import traceback
 from collections.abc import Callable
@@ -27,16 +26,7 @@ from .models import build_model
 from .spec import TRAINING_PARAMS, SweepSpec, dump_spec
 from .teachers import TEACHER_LOSSES, TeacherCache, TeacherRecord
 from .tracking import Tracker
-from .training import (
-    Diverged,
-    make_optimizer,
-    make_schedule,
-    seed_everything,
-    steps_per_epoch,
-    train_epoch,
-)
-
-log = logging.getLogger(__name__)
+from .training import Diverged, make_optimization, seed_everything, train_epoch
 
 Report = Callable[[dict[str, float], dict[str, Any]], None]  # (metrics, checkpoint state)
 
@@ -165,15 +155,9 @@ def train_teacher(spec: SweepSpec, loss: str, model: nn.Module, data: Splits) ->
     model.load_state_dict(fresh.state_dict())
     fn, params = TEACHER_LOSSES.get(loss).fn, TEACHER_LOSSES.get(loss).params
     optim = _optim_dict(spec.teacher.optim)
-    opt = make_optimizer(model.parameters(), optim)
-    sched = make_schedule(
-        opt,
-        optim["schedule"],
-        spec.teacher.epochs,
-        steps_per_epoch(len(data.x_train), optim["batch_size"]),
-    )
+    opt, sched = make_optimization(model, optim, spec.teacher.epochs, len(data.x_train))
     for epoch in range(spec.teacher.epochs):
-        train_epoch(
+        loss_value = train_epoch(
             model,
             data,
             batch_size=optim["batch_size"],
@@ -182,7 +166,11 @@ def train_teacher(spec: SweepSpec, loss: str, model: nn.Module, data: Splits) ->
             optimizer=opt,
             schedule=sched,
         )
-        log.info("teacher %s epoch %d/%d", loss, epoch + 1, spec.teacher.epochs)
+        # printed, not logged: Ray forwards worker stdout to the driver's console
+        print(
+            f"teacher {loss}: epoch {epoch + 1}/{spec.teacher.epochs} loss {loss_value:.4f}",
+            flush=True,
+        )
     model.eval()
     return {**validation_metrics(spec, model, data), **test_metrics(spec, model, data)}
 
@@ -312,13 +300,7 @@ def run_trial(
 
     student = new_model(spec, spec.student.arch, data, device)
     optim = _optim_dict(spec.student.optim, config["hp"])
-    opt = make_optimizer(student.parameters(), optim)
-    sched = make_schedule(
-        opt,
-        optim["schedule"],
-        spec.budget.epochs,
-        steps_per_epoch(len(data.x_train), optim["batch_size"]),
-    )
+    opt, sched = make_optimization(student, optim, spec.budget.epochs, len(data.x_train))
     start = 0
     if resume:
         student.load_state_dict(resume["model"])

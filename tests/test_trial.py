@@ -64,8 +64,8 @@ def test_same_config_and_seed_give_the_same_metrics(tmp_path):
     assert c != a
 
 
-def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
-    ctx = _ctx(tmp_path)
+def _stopped_after_first_epoch(ctx):
+    """Run a trial that is stopped at its first report; return the checkpoint state."""
     states = []
 
     def report(metrics, state):
@@ -74,9 +74,15 @@ def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
 
     with pytest.raises(_Stop):
         run_trial(ctx, CONFIG, report)
+    return states[0]
+
+
+def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
+    ctx = _ctx(tmp_path)
+    state = _stopped_after_first_epoch(ctx)
     (run,) = ctx.tracker().runs("student")
     assert run.info.status == "RUNNING" and "test/clean_acc" not in run.data.metrics
-    finalize_from_state(ctx, CONFIG, states[-1])
+    finalize_from_state(ctx, CONFIG, state)
     run = ctx.tracker().client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["epochs_trained"] == "1"
@@ -85,16 +91,9 @@ def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
 
 def test_resumed_trial_continues_the_same_run_without_repeating_epochs(tmp_path):
     ctx = _ctx(tmp_path)
-    states = []
-
-    def stop_after_one(metrics, state):
-        states.append(state)
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        run_trial(ctx, CONFIG, stop_after_one)
+    state = _stopped_after_first_epoch(ctx)
     resumed = []
-    run_trial(ctx, CONFIG, lambda m, s: resumed.append(m), resume=states[0])
+    run_trial(ctx, CONFIG, lambda m, s: resumed.append(m), resume=state)
     assert [m["epoch"] for m in resumed] == [2]
     (run,) = ctx.tracker().runs("student")
     steps = [
