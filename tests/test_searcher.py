@@ -1,0 +1,80 @@
+"""CellSearcher: one Optuna study per cell, filled exactly, results routed to the owning cell."""
+
+from __future__ import annotations
+
+import optuna
+from conftest import tiny_spec_dict
+from ray.tune.search import Searcher
+
+from sweep.spec import parse_spec
+from sweep.tune import CellSearcher
+
+
+def _searcher(tmp_path, **over):
+    spec = parse_spec(tiny_spec_dict(tmp_path, **over))
+    return spec, CellSearcher(spec, f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_fills_every_cell_round_robin_then_finishes(tmp_path):
+    spec, s = _searcher(tmp_path)
+    configs = [s.suggest(f"t{i}") for i in range(8)]
+    assert s.suggest("t8") == Searcher.FINISHED
+    cells = [c["cell"] for c in configs]
+    assert cells[:4] == [c.key for c in spec.cells()] == cells[4:]
+    assert sorted(c["cell_index"] for c in configs) == [0] * 4 + [1] * 4
+    for c in configs:
+        assert 1.0 <= c["hp"]["temperature"] <= 4.0 and 0.2 <= c["hp"]["alpha"] <= 0.8
+        assert c["seed"] == spec.seed + c["cell_index"]
+
+
+def test_results_reach_the_owning_study_complete_pruned_or_failed(tmp_path):
+    spec, s = _searcher(tmp_path)
+    a, b, c = (s.suggest(t) for t in ("a", "b", "c"))
+    s.on_trial_result("a", {"epoch": 1, "val/robust_acc": 0.3})
+    s.on_trial_complete("a", {"epoch": 2, "val/robust_acc": 0.5})
+    s.on_trial_complete("b", {"epoch": 1, "val/robust_acc": 0.1})  # stopped early by ASHA
+    s.on_trial_complete("c", None, error=True)
+    storage = optuna.storages.RDBStorage(s.optuna_url)
+
+    def only_trial(cfg):
+        (t,) = optuna.load_study(study_name=f"tiny/{cfg['cell']}", storage=storage).trials
+        return t
+
+    ta, tb, tc = only_trial(a), only_trial(b), only_trial(c)
+    assert ta.state == optuna.trial.TrialState.COMPLETE and ta.value == 0.5
+    assert ta.intermediate_values == {1: 0.3}
+    assert ta.params == {k: a["hp"][k] for k in ("temperature", "alpha")}
+    assert tb.state == optuna.trial.TrialState.PRUNED
+    assert tc.state == optuna.trial.TrialState.FAIL
+
+
+def test_multi_objective_tells_every_value(tmp_path):
+    objectives = [{"metric": "val/clean_acc"}, {"metric": "val/robust_acc"}]
+    spec, s = _searcher(tmp_path, objective=objectives)
+    cfg = s.suggest("a")
+    s.on_trial_complete("a", {"epoch": 2, "val/clean_acc": 0.9, "val/robust_acc": 0.4})
+    study = optuna.load_study(study_name=f"tiny/{cfg['cell']}", storage=s.optuna_url)
+    assert study.trials[0].values == [0.9, 0.4]
+
+
+def test_searcher_survives_pickling_without_its_database_handles(tmp_path):
+    import pickle
+
+    _, s = _searcher(tmp_path)
+    s.suggest("a")
+    again = pickle.loads(pickle.dumps(s))
+    assert again.asked == s.asked and again.live == s.live
+    assert again.suggest("b")["cell"] != s.live["a"][0]
+
+
+def test_sampler_is_tpe_for_one_objective_and_nsga2_for_several(tmp_path):
+    from sweep.tune import make_sampler
+
+    one = parse_spec(tiny_spec_dict(tmp_path))
+    two = parse_spec(
+        tiny_spec_dict(
+            tmp_path, objective=[{"metric": "val/clean_acc"}, {"metric": "val/robust_acc"}]
+        )
+    )
+    assert isinstance(make_sampler(one, 0), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(two, 0), optuna.samplers.NSGAIISampler)
