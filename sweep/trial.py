@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attacks import run_attack
 from .data import Splits, load_splits
 from .evaluate import accuracy, evaluate_suite
 from .methods import METHODS
@@ -76,7 +77,7 @@ def pick_device(spec: SweepSpec) -> torch.device:
     return torch.device("cpu")
 
 
-def new_model(spec: SweepSpec, arch: str, data: Splits, device: torch.device) -> nn.Module:
+def new_model(arch: str, data: Splits, device: torch.device) -> nn.Module:
     info = data.info
     return build_model(
         arch, in_channels=info.shape[0], num_classes=info.num_classes, mean=info.mean, std=info.std
@@ -150,9 +151,7 @@ def teacher_identity(spec: SweepSpec, loss: str) -> dict[str, Any]:
 
 
 def train_teacher(spec: SweepSpec, loss: str, model: nn.Module, data: Splits) -> dict[str, float]:
-    seed_everything(spec.teacher_seed())
-    fresh = new_model(spec, spec.teacher.arch, data, next(model.parameters()).device)
-    model.load_state_dict(fresh.state_dict())
+    """Train a freshly initialised `model` (get_teacher seeds its initialisation)."""
     fn, params = TEACHER_LOSSES.get(loss).fn, TEACHER_LOSSES.get(loss).params
     optim = _optim_dict(spec.teacher.optim)
     opt, sched = make_optimization(model, optim, spec.teacher.epochs, len(data.x_train))
@@ -179,7 +178,8 @@ def get_teacher(
     ctx: SweepContext, loss: str, data: Splits, device: torch.device
 ) -> tuple[nn.Module, TeacherRecord]:
     spec = ctx.spec
-    model = new_model(spec, spec.teacher.arch, data, device)
+    seed_everything(spec.teacher_seed())  # a teacher depends on its own seed, not the trial's
+    model = new_model(spec.teacher.arch, data, device)
     identity = teacher_identity(spec, loss)
 
     def on_ready(record: TeacherRecord, trained: bool) -> None:
@@ -253,7 +253,6 @@ def student_state(
 
 def finalize(
     ctx: SweepContext,
-    config: dict[str, Any],
     model: nn.Module,
     data: Splits,
     run_id: str,
@@ -298,7 +297,7 @@ def run_trial(
         teachers, t_hash = [teacher], record.hash
     seed_everything(config["seed"])
 
-    student = new_model(spec, spec.student.arch, data, device)
+    student = new_model(spec.student.arch, data, device)
     optim = _optim_dict(spec.student.optim, config["hp"])
     opt, sched = make_optimization(student, optim, spec.budget.epochs, len(data.x_train))
     start = 0
@@ -329,8 +328,6 @@ def run_trial(
     eps = spec.train_attack.eps if spec.train_attack.eps is not None else spec.threat.eps
 
     def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from .attacks import run_attack
-
         x_adv = run_attack(
             config["train_attack"],
             student,
@@ -356,7 +353,7 @@ def run_trial(
             metrics = {"train/loss": train_loss, **validation_metrics(spec, student, data)}
             tracker.log_metrics(run_id, metrics, step=epoch)
             if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there
-                finalize(ctx, config, student, data, run_id, epoch)
+                finalize(ctx, student, data, run_id, epoch)
             report({**metrics, "epoch": epoch}, student_state(student, opt, sched, epoch, run_id))
     except Diverged as e:
         tracker.fail(run_id, "diverged", str(e))
@@ -373,9 +370,9 @@ def finalize_from_state(
     seed_everything(config["seed"])
     device = pick_device(ctx.spec)
     data = get_splits(ctx.spec, device)
-    model = new_model(ctx.spec, ctx.spec.student.arch, data, device)
+    model = new_model(ctx.spec.student.arch, data, device)
     model.load_state_dict(state["model"])
-    return finalize(ctx, config, model, data, state["mlflow_run_id"], state["epoch"])
+    return finalize(ctx, model, data, state["mlflow_run_id"], state["epoch"])
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:

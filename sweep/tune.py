@@ -263,7 +263,7 @@ def optuna_url(spec: SweepSpec) -> str:
     return spec.storage.optuna or f"sqlite:///{sweep_paths(spec)['sweep'] / 'optuna.db'}"
 
 
-def init_ray(address: str | None, spec: SweepSpec) -> None:
+def init_ray(address: str | None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS); else start an embedded Ray on loopback."""
     if ray.is_initialized():
         return
@@ -344,7 +344,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
     )
 
     ctx = SweepContext(spec, str(paths["sweep"]), str(paths["teachers"]), uri, experiment, parent)
-    init_ray(address, spec)
+    init_ray(address)
     # Tune snapshots the experiment after every checkpoint (num_to_keep=1): that is what bounds
     # the loss on a killed driver, so its "snapshotting may become a bottleneck" warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
