@@ -54,7 +54,11 @@ def ce_objective(y: torch.Tensor) -> Objective:
     return lambda logits: F.cross_entropy(logits, y, reduction="sum")
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, objective: Objective) -> torch.Tensor:
+def input_grad(model: nn.Module, x: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """d objective(model(x)) / dx, taken w.r.t. the input only (no parameter's .grad is touched).
+
+    The caller chooses the model's mode; the attacks below call it inside `eval_mode`.
+    """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = objective(model(x))
@@ -62,8 +66,14 @@ def _input_grad(model: nn.Module, x: torch.Tensor, objective: Objective) -> torc
     return grad
 
 
-def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Onto the L-inf eps-ball around x, then into the data range [0, 1]."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+# the private names predate the public ones; kept so nothing that used them breaks
+_input_grad = input_grad
+_project = project
 
 
 def no_attack(model: nn.Module, x: torch.Tensor, objective: Objective, **_: object) -> torch.Tensor:
@@ -75,7 +85,7 @@ def fgsm(
 ) -> torch.Tensor:
     """Goodfellow et al. 2015: one signed-gradient step of size eps from the clean input."""
     with eval_mode(model):
-        grad = _input_grad(model, x, objective)
+        grad = input_grad(model, x, objective)
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
 
 
@@ -99,11 +109,11 @@ def pgd(
     x = x.detach()
     x_adv = x.clone()
     if random_start:
-        x_adv = _project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        x_adv = project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
     with eval_mode(model):
         for _ in range(steps):
-            grad = _input_grad(model, x_adv, objective)
-            x_adv = _project(x_adv + alpha * grad.sign(), x, eps)
+            grad = input_grad(model, x_adv, objective)
+            x_adv = project(x_adv + alpha * grad.sign(), x, eps)
     return x_adv.detach()
 
 

@@ -42,8 +42,16 @@ def plan(spec: Any) -> str:
         "objective: " + ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
         "test suite: clean, " + ", ".join(a.key for a in spec.evaluation.attacks),
         f"resources per trial: {spec.resources.cpus_per_trial} CPU, {spec.resources.gpus_per_trial} GPU",
-        "cells (teacher_loss.method.train_attack):",
     ]
+    teachers = spec.all_teachers()
+    if teachers:
+        lines.append(f"teachers ({len(teachers)}, each trained once and cached by content):")
+        for t in teachers:
+            params = ", ".join(f"{k}={_num(v)}" for k, v in t.params) or "-"
+            lines.append(
+                f"  {t.label:<28} {t.loss} ({params}) {t.arch}, {t.epochs} epochs, seed {t.seed}"
+            )
+    lines.append("cells (teacher_loss.method.train_attack):")
     for c in cells:
         space = spec.cell_space(c.method)
         shown = ", ".join(f"{k}={describe(v)}" for k, v in space.items()) or "(nothing tuned)"
@@ -84,7 +92,7 @@ def registry_listing() -> dict[str, Any]:
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
-    from .teachers import TEACHER_LOSSES
+    from .teacher_losses import TEACHER_LOSSES
 
     return {
         "datasets": {
@@ -92,14 +100,18 @@ def registry_listing() -> dict[str, Any]:
             for n, d in DATASETS.items()
         },
         "models": MODELS.names(),
-        "teacher_losses": {
-            n: {"summary": t.summary, "params": t.params} for n, t in TEACHER_LOSSES.items()
-        },
+        "teacher_losses": {n: t.describe() for n, t in TEACHER_LOSSES.items()},
         "methods": {n: m.describe() for n, m in METHODS.items()},
         "attacks": {
             n: {"summary": a.summary, "iterative": a.iterative} for n, a in ATTACKS.items()
         },
     }
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -114,6 +126,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             continue
         for name, info in items.items():
             print(f"  {name:<16} {info.get('summary', '') if isinstance(info, dict) else info}")
+            if kind == "teacher_losses":
+                for pname, p in info["params"].items():
+                    close = ")" if p["high_open"] else "]"
+                    bounds = f"[{_num(p['low'])}, {_num(p['high'])}{close}"
+                    default = "threat.eps" if pname == "eps" else _num(p["default"])
+                    print(f"  {'':<16} {pname + '=' + default:<22} {bounds:<10} {p['doc']}")
+                if info.get("adversarial"):
+                    print(f"  {'':<16} (adversarial training)")
             if kind == "methods":
                 print(
                     f"  {'':<16} teachers={info['teachers']} inner_max={info['inner_max']!r} "

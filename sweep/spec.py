@@ -20,7 +20,13 @@ from .data import DATASETS
 from .methods import METHODS
 from .models import MODELS
 from .space import SearchParam, StrictModel
-from .teachers import TEACHER_LOSSES
+from .teacher_defs import (
+    TeacherDef,
+    TeacherDefaults,
+    TeacherEntry,
+    TeacherSetsSpec,
+    teacher_set,
+)
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
@@ -100,14 +106,9 @@ class TeacherSpec(_ArchSpec):
 class GridSpec(StrictModel):
     """The factorial axes: every combination is a cell with its own Optuna study."""
 
-    teacher_loss: list[str] = Field(min_length=1)
+    teacher_loss: list[TeacherEntry] = Field(min_length=1)
     method: list[str] = Field(min_length=1)
     train_attack: list[str] = Field(min_length=1)
-
-    @field_validator("teacher_loss")
-    @classmethod
-    def _losses(cls, v: list[str]) -> list[str]:
-        return _check_names("teacher loss", TEACHER_LOSSES, v)
 
     @field_validator("method")
     @classmethod
@@ -216,6 +217,11 @@ class ResourcesSpec(StrictModel):
 
 class StorageSpec(StrictModel):
     path: str = Field("./sweeps", description="Tune results, checkpoints, teacher cache")
+    teachers: str | None = Field(
+        None,
+        description="teacher cache, shared by sweeps: a folder or a pyarrow URI (s3://, gs://, "
+        "file://); null = <path>/teachers",
+    )
     optuna: str | None = Field(None, description="null = sqlite file in the sweep's folder")
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment: str | None = Field(None, description="null = the sweep's name")
@@ -233,6 +239,7 @@ class SweepSpec(StrictModel):
     student: StudentSpec = StudentSpec()
     teacher: TeacherSpec = TeacherSpec()
     grid: GridSpec
+    teacher_sets: TeacherSetsSpec = TeacherSetsSpec()
     threat: ThreatSpec = ThreatSpec()
     train_attack: TrainAttackSpec = TrainAttackSpec()
     search_space: dict[str, ParamValue] = Field(default_factory=dict)
@@ -277,6 +284,7 @@ class SweepSpec(StrictModel):
                         f"method_search_space.{mname}.{key}: not a hyperparameter of {mname}; "
                         f"allowed: {', '.join(sorted(allowed))}"
                     )
+        self._check_teachers(methods)
         for m in methods:
             if m.needs_attack and self.grid.train_attack == ["none"]:
                 raise ValueError(
@@ -284,6 +292,48 @@ class SweepSpec(StrictModel):
                     f"but grid.train_attack is only 'none'; add fgsm or pgd"
                 )
         return self
+
+    def _check_teachers(self, methods: list[Any]) -> None:
+        variants = [t for e in self.grid.teacher_loss for t in e.expand(self.teacher_defaults())]
+        labels = [t.label for t in variants]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(
+                f"grid.teacher_loss: names the teacher {', '.join(twice)} twice; give entries "
+                f"different params or a `label`"
+            )
+        for m in methods:
+            for t in variants:
+                try:
+                    teacher_set(m.teacher_set, t, self.teacher_sets, self.teacher_defaults())
+                except ValueError as e:
+                    where = "ensemble" if m.teacher_set == "ensemble" else "robust"
+                    raise ValueError(f"teacher_sets.{where}: for {t.label}: {e}") from None
+
+    def teacher_defaults(self) -> TeacherDefaults:
+        t = self.teacher
+        return TeacherDefaults(t.arch, t.epochs, self.teacher_seed(), self.threat.eps)
+
+    def teacher_variants(self) -> dict[str, TeacherDef]:
+        """The grid's teachers by label (the first grid axis, lists expanded)."""
+        d = self.teacher_defaults()
+        return {t.label: t for e in self.grid.teacher_loss for t in e.expand(d)}
+
+    def cell_teachers(self, cell: Cell) -> list[TeacherDef]:
+        """Every teacher a cell's trials load, its own grid teacher first."""
+        kind = METHODS.get(cell.method).teacher_set
+        if kind == "none":
+            return []
+        primary = self.teacher_variants()[cell.teacher_loss]
+        return teacher_set(kind, primary, self.teacher_sets, self.teacher_defaults())
+
+    def all_teachers(self) -> list[TeacherDef]:
+        """Each distinct teacher of the sweep once (by content, not by label)."""
+        out: dict[tuple, TeacherDef] = {}
+        for cell in self.cells():
+            for t in self.cell_teachers(cell):
+                out.setdefault((t.loss, t.params, t.arch, t.epochs, t.seed), t)
+        return list(out.values())
 
     @property
     def objectives(self) -> list[Objective]:
@@ -297,7 +347,7 @@ class SweepSpec(StrictModel):
             for attack in self.grid.train_attack:
                 if info.needs_attack and attack == "none":
                     continue  # e.g. ARD without an inner maximisation is not ARD
-                losses = self.grid.teacher_loss if info.n_teachers else ["none"]
+                losses = list(self.teacher_variants()) if info.teacher_set != "none" else ["none"]
                 for loss in losses:
                     cell = Cell(loss, method, attack)
                     out.setdefault(cell.key, cell)
@@ -320,7 +370,8 @@ class SweepSpec(StrictModel):
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell. Methods without a teacher ignore the teacher-loss axis: their cells carry
+    """One grid cell. `teacher_loss` is the label of a grid teacher (`mse`,
+    `mcmi(lambda=0.1)`). Methods without a teacher ignore that axis: their cells carry
     teacher_loss 'none' and are run once, not once per teacher loss."""
 
     teacher_loss: str

@@ -1,63 +1,36 @@
-"""Teacher losses, teacher training, and the teacher cache.
+"""The teacher cache: trained teachers stored by content hash, trained once, shared by sweeps.
 
 Why a cache keyed by content: every student trial of a cell needs the same teacher; training it
 per trial would multiply the sweep's cost. A teacher's identity is a hash of everything that
 defines it, so it is trained once per sweep (a file lock serialises trials that start together)
 and found again by later sweeps that ask for the same teacher.
+
+The store is a local folder or any pyarrow filesystem URI (`s3://bucket/sweeps/teachers`,
+`gs://...`, `file:///...`). Files are read whole and checked against the sha256 in their
+metadata before `torch.load(weights_only=True)`: a truncated or corrupted file is retrained,
+never unpickled. Teacher losses themselves live in teacher_losses.py.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TeacherLoss:
-    """A teacher's training loss: fn(logits, labels, **params) -> scalar."""
-
-    fn: Callable[..., torch.Tensor]
-    summary: str
-    params: dict[str, Any] = field(default_factory=dict)  # name -> default
-
-
-TEACHER_LOSSES: Registry[TeacherLoss] = Registry("teacher loss")
-
-
-def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y)
-
-
-def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Hamidi et al. (ECCV 2024): squared error between the softmax probabilities and the one-hot
-    label, summed over classes and averaged over the batch. On probabilities, not logits."""
-    p = logits.softmax(dim=1)
-    onehot = F.one_hot(y, num_classes=logits.shape[1]).to(p.dtype)
-    return (p - onehot).pow(2).sum(dim=1).mean()
-
-
-TEACHER_LOSSES.register("ce")(TeacherLoss(ce_loss, "cross-entropy (maximum likelihood)"))
-TEACHER_LOSSES.register("mse")(
-    TeacherLoss(
-        mse_loss, "MSE between softmax probabilities and one-hot labels (Hamidi et al. 2024)"
-    )
-)
 
 
 def teacher_hash(identity: dict[str, Any]) -> str:
@@ -65,22 +38,27 @@ def teacher_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 @dataclass
 class TeacherRecord:
-    """What the cache knows about one trained teacher."""
+    """What the cache knows about one teacher, and what happened when it was asked for:
+    `event` is "trained" (no copy existed), "cached" (a valid copy was loaded) or "retrained"
+    (a copy existed but was unusable; `problem` says why)."""
 
     hash: str
     identity: dict[str, Any]
     metrics: dict[str, float]
-    path: Path
+    location: str
+    event: str = "cached"
+    problem: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def trained(self) -> bool:
+        return self.event != "cached"
 
 
 @contextmanager
@@ -94,56 +72,133 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class _Store:
+    """Whole-file reads and atomic whole-file writes on a local path or a pyarrow URI."""
+
+    def __init__(self, root: str) -> None:
+        root = str(root)
+        self.remote = "://" in root and not root.startswith("file://")
+        if not self.remote:
+            root = str(Path(root.removeprefix("file://")).expanduser().resolve())
+        self.fs, self.base = pafs.FileSystem.from_uri(root if self.remote else Path(root).as_uri())
+        self.uri = root
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
+
+    def read(self, *parts: str) -> bytes | None:
+        p = self.path(*parts)
+        if self.fs.get_file_info(p).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(p) as f:
+            return f.read()
+
+    def write(self, data: bytes, *parts: str) -> None:
+        """Write then move: readers see the old file or the new one, never half of one."""
+        p = self.path(*parts)
+        self.fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{p}.tmp{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, p)
+
+    def lock_path(self, name: str) -> Path:
+        """Local stores lock beside the files; remote ones on this machine only (see README)."""
+        if not self.remote:
+            return Path(self.base) / name
+        tag = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "kdsweep" / "locks" / tag / name
+
+
 class TeacherCache:
-    """Teachers on disk: `<root>/<hash>/teacher.pt` and `meta.json` (with the file's sha256)."""
+    """Teachers under `<root>/<hash>/`: `teacher.pt` (a state_dict) and `meta.json` (identity,
+    metrics, the file's sha256, and the history of cache events)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.store = _Store(str(root))
 
-    def _load(self, h: str, model: nn.Module) -> TeacherRecord | None:
-        d = self.root / h
-        meta_path, weights = d / "meta.json", d / "teacher.pt"
-        if not (meta_path.exists() and weights.exists()):
-            return None
+    def _meta(self, h: str) -> dict[str, Any] | None:
+        blob = self.store.read(h, "meta.json")
         try:
-            meta = json.loads(meta_path.read_text())
-            if _sha256(weights) != meta["sha256"]:
-                raise ValueError("checksum mismatch")
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except Exception as e:  # corrupt or truncated: retrain rather than crash a trial
-            log.warning("cached teacher %s is unusable (%s); retraining it", h, e)
+            return json.loads(blob) if blob is not None else None
+        except ValueError:
             return None
-        return TeacherRecord(h, meta["identity"], meta["metrics"], weights)
 
-    def _store(self, h: str, identity: dict, model: nn.Module, metrics: dict) -> TeacherRecord:
-        d = self.root / h
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f"teacher.pt.tmp{os.getpid()}"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, d / "teacher.pt")
-        meta = {"identity": identity, "metrics": metrics, "sha256": _sha256(d / "teacher.pt")}
-        (d / "meta.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(d / "meta.json.tmp", d / "meta.json")
-        return TeacherRecord(h, identity, metrics, d / "teacher.pt")
+    def _load(self, h: str, model: nn.Module) -> tuple[TeacherRecord | None, str | None]:
+        """(record, None) if a valid copy was loaded; (None, why) if there is none or it is bad."""
+        meta_blob = self.store.read(h, "meta.json")
+        weights = self.store.read(h, "teacher.pt")
+        if meta_blob is None and weights is None:
+            return None, None
+        try:
+            if meta_blob is None or weights is None:
+                raise ValueError("teacher.pt or meta.json is missing")
+            meta = json.loads(meta_blob)
+            if _sha256(weights) != meta["sha256"]:
+                raise ValueError(
+                    f"checksum mismatch ({len(weights)} bytes on disk): truncated or corrupted"
+                )
+            state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as e:  # never crash a trial on a bad cache file: retrain instead
+            return None, f"{type(e).__name__}: {e}"
+        record = TeacherRecord(
+            h,
+            meta["identity"],
+            meta["metrics"],
+            self.store.path(h),
+            "cached",
+            None,
+            meta.get("history", []),
+        )
+        return record, None
+
+    def _store(
+        self, h: str, identity: dict, model: nn.Module, metrics: dict, history: list[dict]
+    ) -> None:
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        weights = buf.getvalue()
+        self.store.write(weights, h, "teacher.pt")
+        meta = {
+            "identity": identity,
+            "metrics": metrics,
+            "sha256": _sha256(weights),
+            "history": history,
+        }
+        self.store.write(json.dumps(meta, indent=2, sort_keys=True).encode(), h, "meta.json")
 
     def get_or_train(
         self,
         identity: dict[str, Any],
         model: nn.Module,
         train: Callable[[nn.Module], dict[str, float]],
-        on_ready: Callable[[TeacherRecord, bool], None] | None = None,
+        on_ready: Callable[[TeacherRecord], None] | None = None,
     ) -> TeacherRecord:
         """Load the teacher into `model`, training it first if no valid copy exists.
 
-        `on_ready(record, trained)` runs while the lock is held, so per-sweep bookkeeping (one
-        MLflow run per teacher) is race-free too."""
+        `on_ready(record)` runs while the lock is held, so per-sweep bookkeeping (one MLflow
+        run per teacher) is race-free too."""
         h = teacher_hash(identity)
-        with _locked(self.root / f"{h}.lock"):
-            record = self._load(h, model)
-            trained = record is None
+        with _locked(self.store.lock_path(f"{h}.lock")):
+            record, problem = self._load(h, model)
             if record is None:
+                event = "retrained" if problem else "trained"
+                if problem:
+                    msg = f"cached teacher {h} is unusable ({problem}); retraining it"
+                    log.warning(msg)
+                    print(f"warning: {msg}", flush=True)  # Ray shows worker stdout
+                old = self._meta(h) or {}
+                history = list(old.get("history", [])) if isinstance(old, dict) else []
+                history.append(
+                    {"event": event, "time": time.time(), "host": os.uname().nodename}
+                    | ({"problem": problem} if problem else {})
+                )
                 metrics = train(model)
-                record = self._store(h, identity, model, metrics)
+                self._store(h, identity, model, metrics, history)
+                record = TeacherRecord(
+                    h, identity, metrics, self.store.path(h), event, problem, history
+                )
             if on_ready is not None:
-                on_ready(record, trained)
+                on_ready(record)
         return record

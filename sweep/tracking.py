@@ -137,37 +137,49 @@ class Tracker:
 
     def ensure_teacher_run(
         self,
+        record: Any,
         *,
-        teacher_hash: str,
-        loss: str,
+        label: str,
         params: dict[str, Any],
-        metrics: dict[str, float],
-        trained: bool,
         parent_run_id: str | None,
         sweep: str,
     ) -> str:
-        """One run per distinct teacher per sweep, however many trials use it. Callers hold the
-        teacher's cache lock, so the search-then-create below does not race."""
+        """One run per distinct teacher per sweep, however many trials use it; `record` is the
+        cache's TeacherRecord. Callers hold the teacher's cache lock, so the search-then-create
+        below does not race. A teacher retrained mid-sweep (corrupt cache file) updates its run.
+        """
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.kind = 'teacher' and tags.teacher_hash = '{teacher_hash}'",
+            filter_string=(
+                f"tags.kind = 'teacher' and tags.teacher_hash = '{record.hash}' "
+                f"and tags.sweep = '{sweep}'"
+            ),
             max_results=1,
         )
+        tags = {"cache_event": record.event, "from_cache": str(not record.trained).lower()}
+        if record.problem:
+            tags["cache_problem"] = record.problem[:5000]
         if found:
-            return found[0].info.run_id
+            run_id = found[0].info.run_id
+            if record.trained:  # retrained under this sweep: record the event and new metrics
+                self.set_tags(run_id, tags)
+                self.log_metrics(run_id, record.metrics, step=0)
+            return run_id
         run_id = self.start_run(
-            f"teacher:{loss}:{teacher_hash[:8]}",
+            f"teacher:{label}:{record.hash[:8]}",
             params=params,
             tags={
                 "kind": "teacher",
-                "teacher_hash": teacher_hash,
-                "teacher_loss": loss,
+                "teacher_hash": record.hash,
+                "teacher_loss": params.get("loss", label),
+                "teacher_label": label,
                 "sweep": sweep,
-                "from_cache": str(not trained).lower(),
+                "cache_location": record.location,
+                **tags,
             },
             parent_run_id=parent_run_id,
         )
-        self.log_metrics(run_id, metrics, step=0)
+        self.log_metrics(run_id, record.metrics, step=0)
         self.finish(run_id)
         return run_id
 

@@ -20,12 +20,15 @@ import torch
 from torch import nn
 
 from .attacks import run_attack
+from .cmi import output_metrics
 from .data import Splits, load_splits
 from .evaluate import accuracy, evaluate_suite
 from .methods import METHODS
 from .models import build_model
-from .spec import TRAINING_PARAMS, SweepSpec, dump_spec
-from .teachers import TEACHER_LOSSES, TeacherCache, TeacherRecord
+from .spec import TRAINING_PARAMS, Cell, SweepSpec, dump_spec
+from .teacher_defs import TeacherDef
+from .teacher_losses import TEACHER_LOSSES
+from .teachers import TeacherCache, TeacherRecord
 from .tracking import Tracker
 from .training import Diverged, make_optimization, seed_everything, train_epoch
 
@@ -130,8 +133,8 @@ def test_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, f
 
 
 # --- teachers --------------------------------------------------------------------------------
-def teacher_identity(spec: SweepSpec, loss: str) -> dict[str, Any]:
-    """Everything that defines a teacher, and nothing that does not (paths, sweep name)."""
+def teacher_identity(spec: SweepSpec, t: TeacherDef) -> dict[str, Any]:
+    """Everything that defines a teacher, and nothing that does not (paths, sweep name, label)."""
     d = spec.dataset
     return {
         "dataset": {
@@ -141,65 +144,84 @@ def teacher_identity(spec: SweepSpec, loss: str) -> dict[str, Any]:
             "split_seed": d.split_seed,
             "augment": d.augment,
         },
-        "arch": spec.teacher.arch,
-        "loss": loss,
-        "loss_params": TEACHER_LOSSES.get(loss).params,
-        "epochs": spec.teacher.epochs,
+        "arch": t.arch,
+        "loss": t.loss,
+        "loss_params": t.params_dict(),
+        "epochs": t.epochs,
         "optim": spec.teacher.optim.model_dump(),
-        "seed": spec.teacher_seed(),
+        "seed": t.seed,
     }
 
 
-def train_teacher(spec: SweepSpec, loss: str, model: nn.Module, data: Splits) -> dict[str, float]:
-    """Train a freshly initialised `model` (get_teacher seeds its initialisation)."""
-    fn, params = TEACHER_LOSSES.get(loss).fn, TEACHER_LOSSES.get(loss).params
+def teacher_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
+    """How the seed papers compare teachers: accuracy, robustness, and CMI / NCMI of the output
+    distributions on the validation split."""
+    x, y = _val_subset(spec, data)
+    info = output_metrics(model, x, y, batch_size=spec.evaluation.batch_size)
+    return {
+        **validation_metrics(spec, model, data),
+        **{f"val/{k}": v for k, v in info.items()},
+        **test_metrics(spec, model, data),
+    }
+
+
+def train_teacher(
+    spec: SweepSpec, t: TeacherDef, model: nn.Module, data: Splits
+) -> dict[str, float]:
+    """Train a freshly initialised `model` (get_teachers seeds its initialisation)."""
+    objective = TEACHER_LOSSES.get(t.loss)(t.params_dict(), data.info.num_classes)
     optim = _optim_dict(spec.teacher.optim)
-    opt, sched = make_optimization(model, optim, spec.teacher.epochs, len(data.x_train))
-    for epoch in range(spec.teacher.epochs):
+    opt, sched = make_optimization(model, optim, t.epochs, len(data.x_train))
+    objective.begin(model, data.x_train, data.y_train, optim["batch_size"])
+    for epoch in range(t.epochs):
         loss_value = train_epoch(
             model,
             data,
             batch_size=optim["batch_size"],
             augment_data=spec.dataset.augment,
-            step_loss=lambda x, y: fn(model(x), y, **params),
+            step_loss=lambda x, y: objective.loss(model, x, y),
             optimizer=opt,
             schedule=sched,
         )
+        objective.end_epoch()
         # printed, not logged: Ray forwards worker stdout to the driver's console
-        print(
-            f"teacher {loss}: epoch {epoch + 1}/{spec.teacher.epochs} loss {loss_value:.4f}",
-            flush=True,
-        )
+        print(f"teacher {t.label}: epoch {epoch + 1}/{t.epochs} loss {loss_value:.4f}", flush=True)
     model.eval()
-    return {**validation_metrics(spec, model, data), **test_metrics(spec, model, data)}
+    return teacher_metrics(spec, model, data)
 
 
 def get_teacher(
-    ctx: SweepContext, loss: str, data: Splits, device: torch.device
+    ctx: SweepContext, t: TeacherDef, data: Splits, device: torch.device
 ) -> tuple[nn.Module, TeacherRecord]:
+    """The teacher `t`, from the cache or trained now; frozen, in eval mode."""
     spec = ctx.spec
-    seed_everything(spec.teacher_seed())  # a teacher depends on its own seed, not the trial's
-    model = new_model(spec.teacher.arch, data, device)
-    identity = teacher_identity(spec, loss)
+    seed_everything(t.seed)  # a teacher depends on its own seed, not the trial's
+    model = new_model(t.arch, data, device)
+    identity = teacher_identity(spec, t)
 
-    def on_ready(record: TeacherRecord, trained: bool) -> None:
+    def on_ready(record: TeacherRecord) -> None:
         ctx.tracker().ensure_teacher_run(
-            teacher_hash=record.hash,
-            loss=loss,
-            params=identity,
-            metrics=record.metrics,
-            trained=trained,
+            record,
+            label=t.label,
+            params={"label": t.label, **identity},
             parent_run_id=ctx.parent_run_id,
             sweep=spec.name,
         )
 
     record = TeacherCache(ctx.teacher_dir).get_or_train(
-        identity, model, lambda m: train_teacher(spec, loss, m, data), on_ready
+        identity, model, lambda m: train_teacher(spec, t, m, data), on_ready
     )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, record
+
+
+def get_teachers(
+    ctx: SweepContext, defs: list[TeacherDef], data: Splits, device: torch.device
+) -> tuple[list[nn.Module], list[TeacherRecord]]:
+    pairs = [get_teacher(ctx, t, data, device) for t in defs]
+    return [m for m, _ in pairs], [r for _, r in pairs]
 
 
 # --- students --------------------------------------------------------------------------------
@@ -290,11 +312,9 @@ def run_trial(
     method = METHODS.get(config["method"])(config["hp"])
     tracker = ctx.tracker()
 
-    teachers: list[nn.Module] = []
-    t_hash = ""
-    if method.n_teachers:
-        teacher, record = get_teacher(ctx, config["teacher_loss"], data, device)
-        teachers, t_hash = [teacher], record.hash
+    cell = Cell(config["teacher_loss"], config["method"], config["train_attack"])
+    teachers, records = get_teachers(ctx, spec.cell_teachers(cell), data, device)
+    t_hash = ",".join(r.hash for r in records)
     seed_everything(config["seed"])
 
     student = new_model(spec.student.arch, data, device)

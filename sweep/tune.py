@@ -259,6 +259,14 @@ def sweep_paths(spec: SweepSpec) -> dict[str, Path]:
     }
 
 
+def teacher_store(spec: SweepSpec) -> str:
+    """Where the teacher cache lives: a URI as given, a local folder made absolute."""
+    t = spec.storage.teachers
+    if t and "://" in t:
+        return t
+    return str(Path(t).expanduser().resolve()) if t else str(sweep_paths(spec)["teachers"])
+
+
 def optuna_url(spec: SweepSpec) -> str:
     return spec.storage.optuna or f"sqlite:///{sweep_paths(spec)['sweep'] / 'optuna.db'}"
 
@@ -343,7 +351,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
         flush=True,
     )
 
-    ctx = SweepContext(spec, str(paths["sweep"]), str(paths["teachers"]), uri, experiment, parent)
+    ctx = SweepContext(spec, str(paths["sweep"]), teacher_store(spec), uri, experiment, parent)
     init_ray(address)
     # Tune snapshots the experiment after every checkpoint (num_to_keep=1): that is what bounds
     # the loss on a killed driver, so its "snapshotting may become a bottleneck" warning is noise.

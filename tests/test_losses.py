@@ -11,47 +11,11 @@ from torch import nn
 
 from sweep.losses import soft_kl
 from sweep.methods import METHODS
-from sweep.teachers import TEACHER_LOSSES
 
 
 def _softmax(row):
     e = [math.exp(v) for v in row]
     return [v / sum(e) for v in e]
-
-
-def test_ce_teacher_loss_is_negative_log_likelihood():
-    logits = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
-    y = torch.tensor([1, 0])
-    expected = -(math.log(_softmax([1, 2, 0])[1]) + math.log(_softmax([0.5, -1, 3])[0])) / 2
-    assert TEACHER_LOSSES.get("ce").fn(logits, y).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_mse_teacher_loss_is_squared_error_of_probabilities_against_one_hot():
-    logits = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
-    y = torch.tensor([1, 0])
-    total = 0.0
-    for row, label in zip(logits.tolist(), y.tolist(), strict=True):
-        p = _softmax(row)
-        total += sum((pi - (1.0 if i == label else 0.0)) ** 2 for i, pi in enumerate(p))
-    assert TEACHER_LOSSES.get("mse").fn(logits, y).item() == pytest.approx(total / 2, rel=1e-6)
-
-
-def test_mse_differs_from_ce_in_value_and_gradient():
-    """The seed paper's public code trains with CE when MSE is asked for; ours must not."""
-    torch.manual_seed(0)
-    logits = torch.randn(8, 5, requires_grad=True)
-    y = torch.randint(0, 5, (8,))
-    grads = {}
-    values = {}
-    for name in ("ce", "mse"):
-        loss = TEACHER_LOSSES.get(name).fn(logits, y)
-        (g,) = torch.autograd.grad(loss, logits)
-        values[name], grads[name] = loss.item(), g
-    assert values["ce"] != pytest.approx(values["mse"], rel=1e-3)
-    cos = F.cosine_similarity(grads["ce"].flatten(), grads["mse"].flatten(), dim=0)
-    assert cos < 0.999  # not a rescaled CE gradient either
-    # MSE's gradient is bounded by the probabilities: the per-logit gradient of sum (p - e)^2
-    assert grads["mse"].abs().max() < grads["ce"].abs().max() * 8
 
 
 def test_soft_kl_is_batchmean_kl_of_teacher_to_student_at_temperature():

@@ -32,12 +32,46 @@ def _problems(data):
         (
             {"name": "x", "grid": _grid(method=["kd", "rslad_typo"])},
             "grid.method",
-            ["rslad_typo", "allowed: ard, ce, kd"],
+            ["rslad_typo", "allowed: ard, ce, dkd, kd"],
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=["cross"])},
+            "grid.teacher_loss[0].name",
+            ["cross", "allowed: ce, cmic, label_smoothing, mcmi, mse, pgd_at, trades"],
+        ),
+        (
+            {"name": "x", "grid": _grid(teacher_loss=[{"name": "mcmi", "params": {"lamda": 1}}])},
+            "grid.teacher_loss[0]",
+            ["params.lamda: not a parameter of 'mcmi'", "allowed: lambda, momentum"],
+        ),
+        (
+            {"name": "x", "grid": _grid(teacher_loss=[{"name": "trades", "params": {"beta": -1}}])},
+            "grid.teacher_loss[0]",
+            ["params.beta", ">= 0"],
+        ),
+        (
+            {"name": "x", "grid": _grid(teacher_loss=[{"name": "mcmi", "params": {"lambda": []}}])},
+            "grid.teacher_loss[0]",
+            ["params.lambda: an empty list"],
+        ),
+        (
+            {"name": "x", "grid": _grid(teacher_loss=["ce", {"name": "ce"}])},
             "grid.teacher_loss",
-            ["cross", "allowed: ce, mse"],
+            ["names the teacher ce twice"],
+        ),
+        (
+            {
+                "name": "x",
+                "grid": _grid(),
+                "teacher_sets": {"robust": {"loss": "pgd_at", "params": {"beta": 6}}},
+            },
+            "teacher_sets.robust",
+            ["params.beta: not a parameter of 'pgd_at'", "allowed: eps, step_size, steps"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "teacher_sets": {"ensemble": {"size": 1}}},
+            "teacher_sets.ensemble.size",
+            ["greater than or equal to 2"],
         ),
         (
             {"name": "x", "grid": _grid(train_attack=["cw"])},
@@ -243,10 +277,20 @@ def test_list_json_shows_every_registry_with_method_details(tmp_path):
     r = _cli("list", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     listing = json.loads(r.stdout)
-    assert set(listing["methods"]) == {"ce", "kd", "ard"}
-    assert listing["methods"]["ard"]["teachers"] == 1 and listing["methods"]["ard"]["needs_attack"]
+    assert set(listing["methods"]) == {"ce", "kd", "dkd", "ard"}
+    assert (
+        listing["methods"]["ard"]["teachers"] == "one" and listing["methods"]["ard"]["needs_attack"]
+    )
     assert listing["methods"]["kd"]["space"]["temperature"] == "[1, 10]"
-    assert set(listing["teacher_losses"]) == {"ce", "mse"}
+    losses = listing["teacher_losses"]
+    assert set(losses) == {"ce", "mse", "label_smoothing", "mcmi", "cmic", "pgd_at", "trades"}
+    assert losses["trades"]["params"]["beta"]["default"] == 6.0 and losses["trades"]["adversarial"]
+    assert losses["mcmi"]["params"]["lambda"]["low"] == 0
+    assert losses["label_smoothing"]["params"]["smoothing"]["default"] == 0.1
+    assert losses["pgd_at"]["params"]["eps"]["default"] is None  # = the sweep's threat eps
+    r = _cli("list", cwd=tmp_path)  # the human form shows each parameter with its default
+    assert r.returncode == 0, r.stderr
+    assert "beta=6" in r.stdout and "smoothing=0.1" in r.stdout and "eps=threat.eps" in r.stdout
     assert {"digits", "mnist", "cifar10", "cifar100", "svhn"} <= set(listing["datasets"])
     assert {"none", "fgsm", "pgd"} <= set(listing["attacks"])
     assert {"small_cnn", "resnet18"} <= set(listing["models"])

@@ -42,7 +42,9 @@ def _student_metrics(client, exp_id):
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec_dict(tmp_path)))
+    # 0.5 CPU per trial: 4 trials start together on 2 cores and all ask for the 2 teachers
+    spec = tiny_spec_dict(tmp_path, resources={"cpus_per_trial": 0.5, "max_concurrent_trials": 4})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
     first = _sweep(tmp_path, "run", "tiny.yaml")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = _sweep(tmp_path, "run", "tiny.yaml", "--name", "tiny-again")
@@ -81,9 +83,26 @@ def test_every_trial_lands_in_mlflow_with_params_and_test_metrics(tiny_sweep):
     # one teacher run per distinct teacher, however many trials used it
     teachers = client.search_runs([exp.experiment_id], "tags.kind = 'teacher'")
     assert sorted(t.data.tags["teacher_loss"] for t in teachers) == ["ce", "mse"]
+    assert all(t.data.tags["cache_event"] == "trained" for t in teachers)
+    assert all("val/ncmi" in t.data.metrics for t in teachers)
     hashes = {t.data.tags["teacher_hash"] for t in teachers}
     assert {r.data.tags["teacher_hash"] for r in runs} == hashes
     assert "#/experiments/" in first.stdout
+
+
+def test_trials_starting_together_trained_each_teacher_exactly_once(tiny_sweep):
+    tmp_path, _, _ = tiny_sweep
+    starts, first_reports = [], []
+    for d in (tmp_path / "sweeps" / "tiny" / "tune").glob("trainable*"):
+        first = json.loads((d / "result.json").read_text().splitlines()[0])
+        starts.append(first["timestamp"] - first["time_total_s"])
+        first_reports.append(first["timestamp"])
+    # at least 4 trials were running before any trial finished its first epoch, i.e. while
+    # the teachers were being trained
+    assert sum(s < min(first_reports) for s in starts) >= 4
+    metas = list((tmp_path / "sweeps" / "teachers").glob("*/meta.json"))
+    events = [[h["event"] for h in json.loads(m.read_text())["history"]] for m in metas]
+    assert events == [["trained"], ["trained"]]
 
 
 def test_each_cell_has_its_own_optuna_study_filled_to_budget(tiny_sweep):

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from conftest import tiny_spec_dict
 
-from sweep.spec import parse_spec
+from sweep.spec import Cell, parse_spec
+from sweep.teacher_defs import TeacherSetsSpec, teacher_set
 from sweep.tracking import Tracker
 from sweep.training import Diverged
-from sweep.trial import SweepContext, finalize_from_state, run_trial
+from sweep.trial import (
+    SweepContext,
+    finalize_from_state,
+    get_splits,
+    get_teacher,
+    get_teachers,
+    run_trial,
+)
 
 CONFIG = {
     "cell": "ce.kd.pgd",
@@ -114,3 +125,52 @@ def test_diverging_trial_fails_with_reason(tmp_path):
     (run,) = ctx.tracker().runs("student")
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "diverged"
+
+
+def test_teacher_run_shows_accuracy_cmi_ncmi_and_a_corrupt_cache_file_is_logged(tmp_path):
+    ctx = _ctx(tmp_path)
+    data = get_splits(ctx.spec, torch.device("cpu"))
+    (t,) = ctx.spec.cell_teachers(Cell("ce", "kd", "pgd"))
+    model, rec = get_teacher(ctx, t, data, torch.device("cpu"))
+    assert rec.event == "trained"
+    tracker = ctx.tracker()
+    (run,) = tracker.runs("teacher")
+    m = run.data.metrics
+    assert {
+        "val/clean_acc",
+        "val/robust_acc",
+        "val/cmi",
+        "val/separation",
+        "test/clean_acc",
+    } <= set(m)
+    assert m["val/cmi"] > 0 and m["val/ncmi"] == pytest.approx(m["val/cmi"] / m["val/separation"])
+    assert run.data.tags["cache_event"] == "trained" and run.data.params["loss"] == "ce"
+
+    weights = Path(rec.location) / "teacher.pt"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated, e.g. a node died mid-copy
+    again, rec2 = get_teacher(ctx, t, data, torch.device("cpu"))  # a later trial, same sweep
+    assert rec2.event == "retrained" and "checksum" in rec2.problem
+    (run,) = tracker.runs("teacher")  # still one run per teacher per sweep, now with the event
+    assert run.data.tags["cache_event"] == "retrained"
+    assert "checksum" in run.data.tags["cache_problem"]
+    # the same seed retrains the same teacher
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_teacher_set_members_are_cached_by_content_like_any_teacher(tmp_path):
+    ctx = _ctx(tmp_path)
+    spec = ctx.spec
+    data = get_splits(spec, torch.device("cpu"))
+    primary = spec.teacher_variants()["mse"]
+    sets = TeacherSetsSpec.model_validate({"robust": {"loss": "pgd_at", "params": {"steps": 2}}})
+    defs = teacher_set("clean+robust", primary, sets, spec.teacher_defaults())
+    models, records = get_teachers(ctx, defs, data, torch.device("cpu"))
+    assert [r.event for r in records] == ["trained", "trained"] and len(models) == 2
+    assert records[0].hash != records[1].hash
+    _, again = get_teachers(ctx, defs, data, torch.device("cpu"))
+    assert [r.event for r in again] == ["cached", "cached"]
+    runs = ctx.tracker().runs("teacher")
+    assert sorted(r.data.tags["teacher_label"] for r in runs) == ["mse", "pgd_at+steps=2"]
+    robust = next(r for r in runs if r.data.params["loss"] == "pgd_at")
+    assert robust.data.params["loss_params.eps"] == str(spec.threat.eps)

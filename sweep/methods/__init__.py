@@ -6,10 +6,11 @@ from ..registry import Registry
 from .ard import ARD
 from .base import Method
 from .ce import CE
+from .dkd import DKD
 from .kd import KD
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _cls in (CE, KD, ARD):
+for _cls in (CE, KD, DKD, ARD):
     METHODS.register(_cls.name)(_cls)
 
 __all__ = ["METHODS", "Method"]

@@ -14,7 +14,7 @@ from .base import ALPHA, TEMPERATURE, Method, teacher_logits
 class ARD(Method):
     name = "ard"
     summary = "ARD: alpha*T^2*KL(T(x)||S(x')) + (1-alpha)*CE(S(x), y)"
-    n_teachers = 1
+    teacher_set = "one"
     needs_attack = True
     space = {"temperature": TEMPERATURE, "alpha": ALPHA}
 

@@ -21,7 +21,8 @@ class Method:
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    n_teachers: ClassVar[int] = 0
+    # "none", "one", "clean+robust" (MTARD) or "ensemble" (AT-AKA); see teacher_defs.py
+    teacher_set: ClassVar[str] = "none"
     needs_attack: ClassVar[bool] = False  # its inner maximisation is part of the method
     inner_max: ClassVar[str] = "student cross-entropy"
     space: ClassVar[dict[str, SearchParam]] = {}
@@ -53,7 +54,7 @@ class Method:
 
         return {
             "summary": cls.summary,
-            "teachers": cls.n_teachers,
+            "teachers": cls.teacher_set,
             "needs_attack": cls.needs_attack,
             "inner_max": cls.inner_max,
             "space": {k: describe(v) for k, v in cls.space.items()},

@@ -14,7 +14,7 @@ from .base import ALPHA, TEMPERATURE, Method, teacher_logits
 class KD(Method):
     name = "kd"
     summary = "Hinton KD on x': alpha*T^2*KL(teacher||student) + (1-alpha)*CE"
-    n_teachers = 1
+    teacher_set = "one"
     space = {"temperature": TEMPERATURE, "alpha": ALPHA}
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
