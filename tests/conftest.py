@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 torch.set_num_threads(1)
@@ -46,3 +47,15 @@ def tiny_spec_dict(tmp_path, **over):
 @pytest.fixture
 def tiny_spec(tmp_path):
     return tiny_spec_dict(tmp_path)
+
+
+class LinearLogits(nn.Module):
+    """A 'network' whose logits are a known linear map of the input, so formulas (and which of
+    x or x' a loss feeds to which network) can be checked by hand."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.w

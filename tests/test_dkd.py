@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LinearLogits
 from torch import nn
 
 from sweep.losses import soft_kl
@@ -26,17 +27,6 @@ class _Logits(nn.Module):
 
     def forward(self, x):
         return self.z * 1.0
-
-
-class _Linear(nn.Module):
-    """Logits a known linear map of the input, to tell x from x' apart."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w)
-
-    def forward(self, x):
-        return x.flatten(1) @ self.w
 
 
 def _softmax(row):
@@ -147,7 +137,7 @@ def test_kd_decomposes_into_tckd_plus_weighted_nckd():
 
 def test_teacher_and_student_both_see_the_training_input():
     torch.manual_seed(1)
-    student, teacher = _Linear(torch.randn(4, 3)), _Linear(torch.randn(4, 3)).eval()
+    student, teacher = LinearLogits(torch.randn(4, 3)), LinearLogits(torch.randn(4, 3)).eval()
     x = torch.rand(5, 1, 2, 2)
     x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
     y = torch.randint(0, 3, (5,))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import LinearLogits
 
 from sweep.losses import soft_kl
 from sweep.methods import METHODS
@@ -31,21 +31,10 @@ def test_soft_kl_is_batchmean_kl_of_teacher_to_student_at_temperature():
     assert soft_kl(t, t, temp).item() == pytest.approx(0.0, abs=1e-7)
 
 
-class _Fixed(nn.Module):
-    """A 'network' whose logits are a known linear map of the input, so formulas are checkable."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w)
-
-    def forward(self, x):
-        return x.flatten(1) @ self.w
-
-
 def _nets():
     torch.manual_seed(1)
-    student = _Fixed(torch.randn(4, 3))
-    teacher = _Fixed(torch.randn(4, 3)).eval()
+    student = LinearLogits(torch.randn(4, 3))
+    teacher = LinearLogits(torch.randn(4, 3)).eval()
     x = torch.rand(5, 1, 2, 2)
     x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
     y = torch.randint(0, 3, (5,))
