@@ -21,6 +21,7 @@ from .methods import METHODS
 from .models import MODELS
 from .space import SearchParam, StrictModel
 from .teacher_defs import (
+    MissingTeacher,
     TeacherDef,
     TeacherDefaults,
     TeacherEntry,
@@ -306,6 +307,8 @@ class SweepSpec(StrictModel):
             for t in variants:
                 try:
                     teacher_set(m.teacher_set, t, self.teacher_sets, self.teacher_defaults())
+                except MissingTeacher as e:
+                    raise ValueError(f"grid.method: {m.name!r} {e}") from None
                 except ValueError as e:
                     where = "ensemble" if m.teacher_set == "ensemble" else "robust"
                     raise ValueError(f"teacher_sets.{where}: for {t.label}: {e}") from None

@@ -14,7 +14,8 @@ In the sweep file:
         - {name: mcmi, params: {lambda: [0.05, 0.1]}}   # a list: one teacher per value
         - {name: trades, params: {beta: 6}, label: trades6}
     teacher_sets:            # how methods with more than one teacher get the others
-      robust: {loss: trades}                    # clean + robust (MTARD): the cell's + this one
+      robust: {loss: trades}                    # clean + robust (MTARD): the cell's + this one;
+                                                # required by such methods, no default
       ensemble: {size: 3}                       # K copies of the cell's teacher, seeds s..s+K-1
       # ensemble: {members: [{}, {arch: resnet18}, {loss: mse, seed: 7}]}
 """
@@ -172,8 +173,14 @@ class EnsembleSpec(StrictModel):
 
 
 class TeacherSetsSpec(StrictModel):
-    robust: TeacherOverride = TeacherOverride(loss="trades")
+    robust: TeacherOverride | None = Field(
+        None, description="required by clean+robust methods: the file must say how"
+    )
     ensemble: EnsembleSpec = EnsembleSpec()
+
+
+class MissingTeacher(ValueError):
+    """A method needs a teacher the file does not define."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,11 @@ def teacher_set(
     if kind == "one":
         return [primary]
     if kind == "clean+robust":
+        if sets.robust is None:
+            raise MissingTeacher(
+                "needs two teachers (clean + robust) but the file defines one; add "
+                "teacher_sets.robust, e.g. {loss: trades} or {loss: pgd_at, arch: resnet18}"
+            )
         return [primary, apply_override(primary, sets.robust, defaults)]
     if kind == "ensemble":
         from_size = sets.ensemble.members is None

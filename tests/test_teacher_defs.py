@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sweep.spec import Cell, parse_spec
-from sweep.teacher_defs import TeacherSetsSpec, teacher_set
+from sweep.teacher_defs import MissingTeacher, TeacherSetsSpec, teacher_set
 from sweep.teachers import teacher_hash
 from sweep.trial import teacher_identity
 
@@ -81,7 +83,10 @@ def test_clean_plus_robust_set_is_the_cell_teacher_and_the_robust_one():
     spec = _spec(["mse"])
     (primary,) = spec.teacher_variants().values()
     d = spec.teacher_defaults()
-    clean, robust = teacher_set("clean+robust", primary, spec.teacher_sets, d)
+    with pytest.raises(MissingTeacher, match="teacher_sets.robust"):  # the file must say how
+        teacher_set("clean+robust", primary, spec.teacher_sets, d)
+    sets = TeacherSetsSpec.model_validate({"robust": {"loss": "trades"}})
+    clean, robust = teacher_set("clean+robust", primary, sets, d)
     assert clean == primary
     assert robust.loss == "trades" and robust.params_dict()["beta"] == 6.0
     assert robust.seed == primary.seed == 3
