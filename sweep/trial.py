@@ -326,6 +326,7 @@ def run_trial(
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["schedule"])
         _set_rng_state(resume["rng"])
+        method.load_state_dict(resume.get("method", {}))
         start, run_id = resume["epoch"], resume["mlflow_run_id"]
     else:
         run_id = tracker.start_run(
@@ -347,20 +348,24 @@ def run_trial(
 
     eps = spec.train_attack.eps if spec.train_attack.eps is not None else spec.threat.eps
 
-    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = run_attack(
+    def attack(model: nn.Module, x: torch.Tensor, objective: Any) -> torch.Tensor:
+        return run_attack(
             config["train_attack"],
-            student,
+            model,
             x,
-            method.inner_objective(student, teachers, x, y),
+            objective,
             eps=eps,
             steps=spec.train_attack.steps,
             step_size=spec.train_attack.step_size,
         )
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = method.adversarial(student, teachers, x, y, attack)
         return method.loss(student, teachers, x, x_adv, y)
 
     try:
         for epoch in range(start + 1, spec.budget.epochs + 1):
+            method.start_epoch(epoch, spec.budget.epochs)
             train_loss = train_epoch(
                 student,
                 data,
@@ -374,7 +379,8 @@ def run_trial(
             tracker.log_metrics(run_id, metrics, step=epoch)
             if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there
                 finalize(ctx, student, data, run_id, epoch)
-            report({**metrics, "epoch": epoch}, student_state(student, opt, sched, epoch, run_id))
+            state = student_state(student, opt, sched, epoch, run_id)
+            report({**metrics, "epoch": epoch}, {**state, "method": method.state_dict()})
     except Diverged as e:
         tracker.fail(run_id, "diverged", str(e))
         raise
