@@ -69,6 +69,9 @@ class DatasetSpec(StrictModel):
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="bundled datasets only")
     split_seed: int = 0
     augment: bool = True
+    strong_augment: Literal["none", "autoaugment"] = Field(
+        "none", description="AutoAugment on training batches, after crop/flip"
+    )
 
     @field_validator("name")
     @classmethod

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Splits, augment, batches
+from .data import Splits, batches
 
 
 class Diverged(RuntimeError):
@@ -70,7 +70,7 @@ def train_epoch(
     data: Splits,
     *,
     batch_size: int,
-    augment_data: bool,
+    augmentation: Callable[[torch.Tensor], torch.Tensor] | None,
     step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
@@ -80,8 +80,8 @@ def train_epoch(
     model.train()
     total, count = 0.0, 0
     for x, y in batches(data.x_train, data.y_train, batch_size, shuffle=True):
-        if augment_data:
-            x = augment(x, flip=data.info.flip, crop_pad=data.info.crop_pad)
+        if augmentation is not None:
+            x = augmentation(x)
         loss = step_loss(x, y)
         if not torch.isfinite(loss):
             raise Diverged(f"training loss is {loss.item()}")

@@ -21,7 +21,7 @@ from torch import nn
 
 from .attacks import run_attack
 from .cmi import output_metrics
-from .data import Splits, load_splits
+from .data import Splits, load_splits, make_augmentation
 from .evaluate import accuracy, evaluate_suite
 from .methods import METHODS
 from .models import build_model
@@ -95,6 +95,11 @@ def _optim_dict(optim: Any, hp: dict[str, Any] | None = None) -> dict[str, Any]:
     return out
 
 
+def augmentation(spec: SweepSpec, data: Splits) -> Any:
+    d = spec.dataset
+    return make_augmentation(data.info, basic=d.augment, strong=d.strong_augment)
+
+
 def _val_subset(spec: SweepSpec, data: Splits) -> tuple[torch.Tensor, torch.Tensor]:
     n = spec.evaluation.val_examples or len(data.x_val)
     return data.x_val[:n], data.y_val[:n]
@@ -143,7 +148,8 @@ def teacher_identity(spec: SweepSpec, t: TeacherDef) -> dict[str, Any]:
             "test_fraction": d.test_fraction,
             "split_seed": d.split_seed,
             "augment": d.augment,
-        },
+        }
+        | ({"strong_augment": d.strong_augment} if d.strong_augment != "none" else {}),
         "arch": t.arch,
         "loss": t.loss,
         "loss_params": t.params_dict(),
@@ -178,7 +184,7 @@ def train_teacher(
             model,
             data,
             batch_size=optim["batch_size"],
-            augment_data=spec.dataset.augment,
+            augmentation=augmentation(spec, data),
             step_loss=lambda x, y: objective.loss(model, x, y),
             optimizer=opt,
             schedule=sched,
@@ -370,7 +376,7 @@ def run_trial(
                 student,
                 data,
                 batch_size=optim["batch_size"],
-                augment_data=spec.dataset.augment,
+                augmentation=augmentation(spec, data),
                 step_loss=step_loss,
                 optimizer=opt,
                 schedule=sched,
