@@ -32,7 +32,7 @@ def _problems(data):
         (
             {"name": "x", "grid": _grid(method=["kd", "rslad_typo"])},
             "grid.method",
-            ["rslad_typo", "allowed: ard, ce, dkd, kd"],
+            ["rslad_typo", "allowed: advfunmatch, ard, ataka, ce,"],
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=["cross"])},
@@ -67,6 +67,11 @@ def _problems(data):
             },
             "teacher_sets.robust",
             ["params.beta: not a parameter of 'pgd_at'", "allowed: eps, step_size, steps"],
+        ),
+        (
+            {"name": "x", "grid": _grid(method=["kd", "mtard"])},
+            "grid.method",
+            ["'mtard' needs two teachers (clean + robust)", "add teacher_sets.robust"],
         ),
         (
             {"name": "x", "grid": _grid(), "teacher_sets": {"ensemble": {"size": 1}}},
@@ -240,6 +245,10 @@ def _cli(*args, cwd):
             "name: x\ngrid: {teacher_loss: [ce], method: [kd], train_attack: [pgd]}\nsearch_space: {temprature: 3}\n",
             "search_space.temprature",
         ),
+        (  # a method that needs two teachers, in a file that defines one
+            "name: x\ngrid: {teacher_loss: [ce], method: [mtard], train_attack: [pgd]}\n",
+            "grid.method: 'mtard' needs two teachers (clean + robust)",
+        ),
         (None, "no such file"),
     ],
 )
@@ -277,10 +286,19 @@ def test_list_json_shows_every_registry_with_method_details(tmp_path):
     r = _cli("list", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     listing = json.loads(r.stdout)
-    assert set(listing["methods"]) == {"ce", "kd", "dkd", "ard"}
-    assert (
-        listing["methods"]["ard"]["teachers"] == "one" and listing["methods"]["ard"]["needs_attack"]
-    )
+    from sweep.methods import METHODS
+
+    methods = listing["methods"]
+    assert set(methods) == set(METHODS.names())
+    for name in ("pgd_at", "trades", "kd", "dkd", "ard", "iad", "rslad", "advfunmatch", "mtard"):
+        assert name in methods
+    for name, info in methods.items():
+        assert {"teachers", "inner_max", "space", "needs_attack", "features"} <= set(info), name
+    assert methods["ard"]["teachers"] == "one" and methods["ard"]["needs_attack"]
+    assert methods["mtard"]["teachers"] == "clean+robust"
+    assert methods["ataka"]["teachers"] == "ensemble"
+    assert methods["rslad"]["space"]["adv_weight"] == "[0.5, 0.95]"
+    assert "KL" in methods["rslad"]["inner_max"]
     assert listing["methods"]["kd"]["space"]["temperature"] == "[1, 10]"
     losses = listing["teacher_losses"]
     assert set(losses) == {"ce", "mse", "label_smoothing", "mcmi", "cmic", "pgd_at", "trades"}

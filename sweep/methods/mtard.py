@@ -1,0 +1,112 @@
+"""`mtard` (Zhao, Yu, Sun, Zhang & Wei, ECCV 2022, "Enhanced Accuracy and Robustness via
+Multi-Teacher Adversarial Distillation").
+
+Two teachers, each for the inputs it is good at: a clean (standard) teacher guides the student on
+clean x, a robust (adversarially trained) teacher on the adversarial x':
+
+    L = w_nat * T^2 * KL(T_clean(x)^T || S(x)^T) + w_adv * T^2 * KL(T_rob(x')^T || S(x')^T)
+
+x' maximises the student's cross-entropy (the paper's inner max; the authors' code,
+`mtard_inner_loss_ce`, runs PGD on CE(S(x'), y), not on a KL against the robust teacher).
+
+Adaptive Normalization Loss: neither teacher may dominate, so the weights follow the student's
+*relative* learning progress toward each. With L^0 each term's loss on the first training batch,
+
+    l_nat = L_nat / L_nat^0,   l_adv = L_adv / L_adv^0          (progress: 1 at the start)
+    r_nat = l_nat^b / (l_nat^b + l_adv^b)                          (b = 1 in the authors' code)
+    w_nat <- w_nat - eta * (w_nat - r_nat),   w_adv = 1 - w_nat,   w_nat = w_adv = 1/2 at start
+
+every step, before the step's loss is formed (the updated weights weight this batch's terms, as
+in the code). The term the student has learned *less* of (larger normalised loss) gains weight.
+eta is `weight_lr` (0.025 in the code), divided by 10 when the authors divide the learning rate:
+after epochs 215, 260 and 285 of 300, here at the same fractions of the run.
+
+Deviations, and why:
+- Temperature: the paper and code use none (T = 1, the bottom of the range); here both terms
+  share a searchable T with Hinton's T^2 so the gradient scale does not move with T (DESIGN
+  §3.5). T^2 cancels in the normalised losses, so the weight rule is unchanged by it.
+- KL is batchmean. The code averages over batch *and* classes (a 1/C loss scale; it cancels in
+  the weight rule too) and computes log(p + 1e-5), which we do not copy.
+- The weights are constants in the loss (the code updates them from `.item()` values): the rule
+  is a schedule, not something the student's gradient acts on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..losses import soft_kl
+from ..space import FloatParam, LogFloatParam
+from .base import Method, teacher_logits
+
+EXPONENT = 1.0  # b in the rule above ("bert" in the authors' code)
+# fractions of the run after which weight_lr is divided by 10 (215, 260, 285 of 300 epochs)
+DECAY_AT = (215 / 300, 260 / 300, 285 / 300)
+TINY = 1e-12  # guards the normalisation when a first-batch loss is exactly 0
+
+
+def adaptive_weight(
+    w_nat: float, lhat_nat: float, lhat_adv: float, lr: float, exponent: float = EXPONENT
+) -> float:
+    """One step of the Adaptive Normalization Loss rule; returns the new w_nat (w_adv = 1 - w)."""
+    a, b = lhat_nat**exponent, lhat_adv**exponent
+    return w_nat - lr * (w_nat - a / (a + b))
+
+
+class MTARD(Method):
+    name = "mtard"
+    summary = "MTARD: w_nat*KL(T_clean(x)||S(x)) + w_adv*KL(T_rob(x')||S(x')), adaptive w"
+    teacher_set = "clean+robust"
+    needs_attack = True
+    inner_max = "student cross-entropy"
+    # the code's setting, T = 1 and weight_lr = 0.025, lies inside both ranges
+    space = {
+        "temperature": FloatParam(low=1.0, high=10.0),
+        "weight_lr": LogFloatParam(low=0.005, high=0.5),
+    }
+
+    def __init__(self, hp: dict[str, Any]) -> None:
+        super().__init__(hp)
+        self.w_nat = 0.5
+        self.init_nat: float | None = None
+        self.init_adv: float | None = None
+        self.lr = float(hp["weight_lr"])
+
+    @property
+    def w_adv(self) -> float:
+        return 1.0 - self.w_nat
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        decays = sum(epoch > f * epochs for f in DECAY_AT)
+        self.lr = float(self.hp["weight_lr"]) * 0.1**decays
+
+    def update_weights(self, loss_nat: float, loss_adv: float) -> None:
+        """Record the first losses, then move w_nat toward the relative progress."""
+        if self.init_nat is None or self.init_adv is None:
+            self.init_nat, self.init_adv = loss_nat, loss_adv
+        lhat_nat = loss_nat / max(self.init_nat, TINY)
+        lhat_adv = loss_adv / max(self.init_adv, TINY)
+        if lhat_nat + lhat_adv > 0:  # both terms exactly 0: nothing to balance
+            self.w_nat = adaptive_weight(self.w_nat, lhat_nat, lhat_adv, self.lr)
+
+    def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
+        t = self.hp["temperature"]
+        clean, robust = teachers
+        kl_nat = t * t * soft_kl(student(x), teacher_logits(clean, x), t)
+        kl_adv = t * t * soft_kl(student(x_adv), teacher_logits(robust, x_adv), t)
+        self.update_weights(kl_nat.item(), kl_adv.item())
+        return self.w_nat * kl_nat + self.w_adv * kl_adv
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"w_nat": self.w_nat, "w_adv": self.w_adv}
+        if self.init_nat is not None and self.init_adv is not None:
+            state["init_nat"], state["init_adv"] = self.init_nat, self.init_adv
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.w_nat = float(state.get("w_nat", 0.5))
+        init_nat, init_adv = state.get("init_nat"), state.get("init_adv")
+        self.init_nat = None if init_nat is None else float(init_nat)
+        self.init_adv = None if init_adv is None else float(init_adv)

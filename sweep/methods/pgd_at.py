@@ -1,0 +1,30 @@
+"""`pgd_at` (Madry et al., ICLR 2018, "Towards Deep Learning Models Resistant to Adversarial
+Attacks"): min_theta E max_{x' in B(x, eps)} CE(S(x'), y).
+
+The inner maximisation attacks the student's own cross-entropy; the outer step minimises the same
+cross-entropy at x' only (no clean term). The attack algorithm is the cell's train_attack axis
+(Madry et al. used PGD with a uniform random start, which is `pgd` here).
+
+Why a method of its own when `ce` with train_attack pgd computes the same loss: `pgd_at` declares
+needs_attack, so the planner refuses it without an attack instead of silently running standard
+training, and tables read "PGD-AT" as a robust baseline beside `trades`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method
+
+
+class PGDAT(Method):
+    name = "pgd_at"
+    summary = "PGD-AT (Madry 2018): CE(S(x'), y), x' maximising the student's CE"
+    teacher_set = "none"
+    needs_attack = True
+    inner_max = "student cross-entropy"
+    space = {}
+
+    def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
+        return F.cross_entropy(student(x_adv), y)
