@@ -156,3 +156,37 @@ def test_running_an_existing_sweep_again_is_refused(tiny_sweep):
     r = _sweep(tmp_path, "run", "tiny.yaml")
     assert r.returncode == 2
     assert "already exists" in r.stderr and "--name" in r.stderr
+
+
+def test_every_registered_method_runs_one_epoch_through_the_sweep_path(tmp_path):
+    from sweep.methods import METHODS
+
+    methods = METHODS.names()
+    spec = tiny_spec_dict(
+        tmp_path,
+        name="zoo",
+        grid={"teacher_loss": ["ce"], "method": methods, "train_attack": ["pgd"]},
+        teacher={"epochs": 1},
+        teacher_sets={
+            "robust": {"loss": "pgd_at", "params": {"steps": 2}},
+            "ensemble": {"size": 2},
+        },
+        search_space={},
+        budget={"trials_per_cell": 1, "epochs": 1, "grace_period": 1},
+        evaluation={
+            "attacks": ["pgd5"],
+            "val_attack": "pgd2",
+            "val_examples": 50,
+            "test_examples": 50,
+        },
+        resources={"cpus_per_trial": 0.5},
+    )
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(spec))
+    r = _sweep(tmp_path, "run", "zoo.yaml")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("zoo")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'student'", max_results=100)
+    finished = {r.data.tags["method"] for r in runs if r.info.status == "FINISHED"}
+    assert finished == set(methods), {r.data.tags["method"]: r.info.status for r in runs}
+    assert all("test/robust_acc/pgd5" in r.data.metrics for r in runs)
