@@ -32,7 +32,7 @@ def _problems(data):
         (
             {"name": "x", "grid": _grid(method=["kd", "rslad_typo"])},
             "grid.method",
-            ["rslad_typo", "allowed: advfunmatch, ard, ataka, ce,"],
+            ["rslad_typo", "allowed: advfunmatch, ard, ataka, cap, ce,"],
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=["cross"])},

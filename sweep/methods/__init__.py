@@ -7,8 +7,10 @@ from .advfunmatch import AdvFunMatch
 from .ard import ARD
 from .ataka import ATAKA
 from .base import Method
+from .cap import CAP
 from .ce import CE
 from .dkd import DKD
+from .gacd import GACD
 from .iad import IAD
 from .kd import KD
 from .mtard import MTARD
@@ -17,7 +19,8 @@ from .rslad import RSLAD
 from .trades import TRADES
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _cls in (CE, PGDAT, TRADES, KD, DKD, ARD, IAD, RSLAD, AdvFunMatch, MTARD, ATAKA):
+_ALL = (CE, PGDAT, TRADES, CAP, KD, DKD, ARD, IAD, RSLAD, AdvFunMatch, MTARD, ATAKA, GACD)
+for _cls in _ALL:
     METHODS.register(_cls.name)(_cls)
 
 __all__ = ["METHODS", "Method"]
