@@ -175,3 +175,22 @@ def test_space_covers_the_paper_setting_and_beta_is_required():
         assert DKD.space[k].low <= v <= DKD.space[k].high
     with pytest.raises(ValueError, match="beta"):
         DKD({"temperature": 4.0, "alpha": 1.0})
+
+
+def test_kd_terms_ramp_in_linearly_over_the_papers_warmup_fraction():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3])
+    student = LinearLogits(torch.randn(5, 5, generator=g))
+    teacher = LinearLogits(torch.randn(5, 5, generator=g)).eval()
+    m = DKD({"temperature": 4.0, "alpha": 1.0, "beta": 8.0})
+    ce = F.cross_entropy(student(x), y).item()
+    whole = m.loss(student, [teacher], x, x, y).item()
+    assert whole - ce > 1e-3  # the KD terms are not zero here
+    m.start_epoch(6, 240)  # the warm-up is 20 of 240 epochs: factor 6/20
+    part = m.loss(student, [teacher], x, x, y).item()
+    assert part - ce == pytest.approx(0.3 * (whole - ce), rel=1e-5)
+    m.start_epoch(20, 240)
+    assert m.loss(student, [teacher], x, x, y).item() == pytest.approx(whole, rel=1e-6)
+    m.start_epoch(1, 1)  # a one-epoch run is not held back
+    assert m.loss(student, [teacher], x, x, y).item() == pytest.approx(whole, rel=1e-6)

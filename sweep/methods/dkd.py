@@ -7,8 +7,10 @@ With p = softmax(z / T) and t the label:
 Hinton KD is TCKD + (1 - p_t^teacher) * NCKD per example (the paper's eq. 2): the teacher's
 confidence suppresses the non-target term, which DKD frees by weighting it with its own beta.
 
-Not applied: the paper's linear warm-up of the KD terms over the first 20 epochs (a method does
-not see the epoch yet), so alpha and beta act at full strength from the first step.
+The paper ramps the KD terms in linearly over its first 20 of 240 epochs (a student that is
+hit by beta = 8 from the first step can diverge); here over the same fraction of the run, in
+`start_epoch`: factor min(epoch / warm, 1), warm = max(1, round(epochs * 20 / 240)). Without a
+`start_epoch` call (unit tests) the factor is 1.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def dkd_terms(
     return soft_kl(s_bin, t_bin), soft_kl(s_other, t_other)
 
 
+WARMUP_FRACTION = 20 / 240  # the paper's warm-up: 20 of 240 epochs
+
+
 class DKD(Method):
     name = "dkd"
     summary = "DKD on x': CE + alpha*T^2*KL(target/non-target) + beta*T^2*KL(non-target classes)"
@@ -60,8 +65,17 @@ class DKD(Method):
         "beta": FloatParam(low=1.0, high=10.0),
     }
 
+    def __init__(self, hp) -> None:
+        super().__init__(hp)
+        self.warmup = 1.0
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        warm = max(1, round(epochs * WARMUP_FRACTION))
+        self.warmup = min(epoch / warm, 1.0)
+
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         t, a, b = self.hp["temperature"], self.hp["alpha"], self.hp["beta"]
+        a, b = a * self.warmup, b * self.warmup
         s_logits = student(x_adv)
         tckd, nckd = dkd_terms(s_logits, teacher_logits(teachers[0], x_adv), y, t)
         return F.cross_entropy(s_logits, y) + t * t * (a * tckd + b * nckd)
