@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -59,3 +60,16 @@ class LinearLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.w
+
+
+def py_softmax(row: list[float], temp: float = 1.0) -> list[float]:
+    """softmax(row / temp) in plain Python floats: hand computations independent of torch."""
+    z = [v / temp for v in row]
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def py_kl(p: list[float], q: list[float]) -> float:
+    """KL(p || q) of two probability lists, in plain Python floats (0 * log 0 = 0)."""
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True) if a > 0)

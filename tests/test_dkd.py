@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearLogits
+from conftest import LinearLogits, py_kl, py_softmax
 from torch import nn
 
 from sweep.losses import soft_kl
@@ -29,24 +29,15 @@ class _Logits(nn.Module):
         return self.z * 1.0
 
 
-def _softmax(row):
-    e = [math.exp(v) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p, q):
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True))
-
-
 def _hand_terms(s_row, t_row, label, temp):
     """(TCKD, NCKD) of one example without T^2, from the paper's definitions."""
-    ps = _softmax([v / temp for v in s_row])
-    pt = _softmax([v / temp for v in t_row])
+    ps = py_softmax([v / temp for v in s_row])
+    pt = py_softmax([v / temp for v in t_row])
     b_s, b_t = [ps[label], 1 - ps[label]], [pt[label], 1 - pt[label]]
     # p^: the non-target probabilities renormalised by their total mass 1 - p_target
     hat_s = [p / (1 - ps[label]) for i, p in enumerate(ps) if i != label]
     hat_t = [p / (1 - pt[label]) for i, p in enumerate(pt) if i != label]
-    return _kl(b_t, b_s), _kl(hat_t, hat_s)
+    return py_kl(b_t, b_s), py_kl(hat_t, hat_s)
 
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 1.5]]
@@ -64,7 +55,7 @@ def test_dkd_loss_matches_hand_computation():
     temp, a, b = 4.0, 1.0, 8.0
     ce = tckd = nckd = 0.0
     for s_row, t_row, label in zip(S, T, Y, strict=True):
-        ce -= math.log(_softmax(s_row)[label])
+        ce -= math.log(py_softmax(s_row)[label])
         tc, nc = _hand_terms(s_row, t_row, label, temp)
         tckd, nckd = tckd + tc, nckd + nc
     assert tckd > 0.01 and nckd > 0.01  # neither term is vacuous on this example
@@ -77,7 +68,7 @@ def test_dkd_loss_matches_hand_computation():
 def test_each_term_alone_matches_its_hand_value(alpha, beta):
     """TCKD and NCKD separately, so one cannot hide an error in the other."""
     temp = 2.0
-    ce = sum(-math.log(_softmax(r)[k]) for r, k in zip(S, Y, strict=True)) / len(Y)
+    ce = sum(-math.log(py_softmax(r)[k]) for r, k in zip(S, Y, strict=True)) / len(Y)
     terms = [_hand_terms(s, t, k, temp) for s, t, k in zip(S, T, Y, strict=True)]
     tckd = sum(tc for tc, _ in terms) / len(Y)
     nckd = sum(nc for _, nc in terms) / len(Y)

@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearLogits
+from conftest import LinearLogits, py_softmax
 
 from sweep.losses import soft_kl
 from sweep.methods import METHODS
-
-
-def _softmax(row):
-    e = [math.exp(v) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def test_soft_kl_is_batchmean_kl_of_teacher_to_student_at_temperature():
@@ -24,8 +19,8 @@ def test_soft_kl_is_batchmean_kl_of_teacher_to_student_at_temperature():
     temp = 2.0
     expected = 0.0
     for srow, trow in zip(s.tolist(), t.tolist(), strict=True):
-        ps = _softmax([v / temp for v in srow])
-        pt = _softmax([v / temp for v in trow])
+        ps = py_softmax([v / temp for v in srow])
+        pt = py_softmax([v / temp for v in trow])
         expected += sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps, strict=True))
     assert soft_kl(s, t, temp).item() == pytest.approx(expected / 2, rel=1e-5)
     assert soft_kl(t, t, temp).item() == pytest.approx(0.0, abs=1e-7)

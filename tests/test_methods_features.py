@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearLogits
+from conftest import LinearLogits, py_kl, py_softmax
 from torch import nn
 
 from sweep.attacks import pgd
@@ -36,16 +36,6 @@ class FeatNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-def _softmax(row):
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p, q):
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True))
 
 
 def _cos(a, b):
@@ -91,7 +81,7 @@ def _gacd_terms(student, teacher, x, x_adv, y, tau):
     for i, k in enumerate(y.tolist()):
         c = [_cos(rs[i], rt[j]) / tau for j in range(n)]
         l_i = -c[i] + math.log(sum(math.exp(v) for v in c))
-        out.append((-math.log(_softmax(zs[i])[k]), l_i, _softmax(zt[i])[k]))
+        out.append((-math.log(py_softmax(zs[i])[k]), l_i, py_softmax(zt[i])[k]))
     return out
 
 
@@ -224,18 +214,18 @@ def _cap_hand(student, x, x_adv, y, beta, gamma, points):
     def probs(z):
         rows = _rows(z.flatten(1))
         return [
-            _softmax([sum(a * w[i][j] for i, a in enumerate(r)) for j in range(len(w[0]))])
+            py_softmax([sum(a * w[i][j] for i, a in enumerate(r)) for j in range(len(w[0]))])
             for r in rows
         ]
 
     p, q = probs(x), probs(x_adv)
     n = len(p)
     ce = -sum(math.log(p[i][k]) for i, k in enumerate(y.tolist())) / n
-    robust = sum(_kl(p[i], q[i]) for i in range(n)) / n
+    robust = sum(py_kl(p[i], q[i]) for i in range(n)) / n
     spread = 0.0
     for pt in points:
         pk = probs(pt)
-        spread += sum(_kl(p[i], pk[i]) for i in range(n)) / n
+        spread += sum(py_kl(p[i], pk[i]) for i in range(n)) / n
     return ce + beta * robust + gamma * spread / max(len(points), 1)
 
 

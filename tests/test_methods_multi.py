@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearLogits
+from conftest import LinearLogits, py_kl, py_softmax
 
 from sweep.attacks import pgd
 from sweep.methods.advfunmatch import AdvFunMatch
@@ -26,16 +26,6 @@ def attack(model, xx, obj):
 # --- hand computations (plain Python floats, independent of the methods' code) -------------
 
 
-def _softmax(row: list[float]) -> list[float]:
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p: list[float], q: list[float]) -> float:
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True))
-
-
 def _logits(x: torch.Tensor, w: torch.Tensor) -> list[list[float]]:
     """x.flatten(1) @ w by explicit sums."""
     rows = x.flatten(1).tolist()
@@ -47,9 +37,9 @@ def _hand_tkl(t_rows, s_rows, temp) -> float:
     """T^2 * batchmean KL(softmax(t/T) || softmax(s/T))."""
     total = 0.0
     for t_row, s_row in zip(t_rows, s_rows, strict=True):
-        pt = _softmax([v / temp for v in t_row])
-        ps = _softmax([v / temp for v in s_row])
-        total += _kl(pt, ps)
+        pt = py_softmax([v / temp for v in t_row])
+        ps = py_softmax([v / temp for v in s_row])
+        total += py_kl(pt, ps)
     return temp**2 * total / len(t_rows)
 
 
@@ -57,7 +47,7 @@ def _hand_ce(net, x, y) -> float:
     """Summed cross-entropy of a LinearLogits net, by hand."""
     with torch.no_grad():
         rows = _logits(x, net.w)
-    return sum(-math.log(_softmax(r)[k]) for r, k in zip(rows, y.tolist(), strict=True))
+    return sum(-math.log(py_softmax(r)[k]) for r, k in zip(rows, y.tolist(), strict=True))
 
 
 def _nets(seed: int, k_teachers: int = 1, d: int = 4, c: int = 3):
@@ -113,7 +103,7 @@ def test_advfunmatch_finds_mismatched_examples():
     def mismatch(xx):
         with torch.no_grad():
             return sum(
-                _kl(_softmax([v / temp for v in t]), _softmax([v / temp for v in s]))
+                py_kl(py_softmax([v / temp for v in t]), py_softmax([v / temp for v in s]))
                 for t, s in zip(_logits(xx, teacher.w), _logits(xx, student.w), strict=True)
             )
 
@@ -313,7 +303,7 @@ def test_ataka_loss_matches_hand_amalgamation():
         target = []
         weights = []
         for r1, r2, k in zip(z1, z2, y.tolist(), strict=True):
-            c1, c2 = _softmax(r1)[k], _softmax(r2)[k]
+            c1, c2 = py_softmax(r1)[k], py_softmax(r2)[k]
             a1, a2 = c1 / (c1 + c2), c2 / (c1 + c2)
             weights.append(a1)
             target.append([a1 * u + a2 * v for u, v in zip(r1, r2, strict=True)])

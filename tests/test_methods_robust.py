@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearLogits
+from conftest import LinearLogits, py_kl, py_softmax
 from torch import nn
 
 from sweep.attacks import pgd
@@ -34,20 +34,8 @@ def attack(model, xx, obj):
 # --- hand arithmetic, independent of torch's softmax / kl_div ---------------------------------
 
 
-def _softmax(row, temp=1.0):
-    z = [v / temp for v in row]
-    m = max(z)
-    e = [math.exp(v - m) for v in z]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p, q):
-    """KL(p || q) of two probability lists."""
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True))
-
-
 def _ce(row, label):
-    return -math.log(_softmax(row)[label])
+    return -math.log(py_softmax(row)[label])
 
 
 def _rows(net, x):
@@ -114,7 +102,7 @@ def _trades_hand(student, x, x_adv, y, beta):
     s_clean, s_adv = _rows(student, x), _rows(student, x_adv)
     n = len(y)
     ce = sum(_ce(r, k) for r, k in zip(s_clean, y.tolist(), strict=True)) / n
-    kl = sum(_kl(_softmax(c), _softmax(a)) for c, a in zip(s_clean, s_adv, strict=True)) / n
+    kl = sum(py_kl(py_softmax(c), py_softmax(a)) for c, a in zip(s_clean, s_adv, strict=True)) / n
     return ce, kl
 
 
@@ -132,7 +120,7 @@ def test_trades_kl_direction_is_clean_to_adversarial():
     student, _, x, x_adv, y = _nets()
     ce, _ = _trades_hand(student, x, x_adv, y, 1.0)
     s_clean, s_adv = _rows(student, x), _rows(student, x_adv)
-    reverse = sum(_kl(_softmax(a), _softmax(c)) for c, a in zip(s_clean, s_adv, strict=True))
+    reverse = sum(py_kl(py_softmax(a), py_softmax(c)) for c, a in zip(s_clean, s_adv, strict=True))
     got = TRADES({"beta": 1.0}).loss(student, [], x, x_adv, y).item()
     assert got != pytest.approx(ce + reverse / len(y), rel=1e-3)
 
@@ -203,11 +191,11 @@ def _iad_hand(student, teacher, x, x_adv, y, hp, introspect=True, trust_input=No
     n = len(y)
     total = 0.0
     for i, k in enumerate(y.tolist()):
-        distill = t * t * _kl(_softmax(t_clean[i], t), _softmax(s_adv[i], t))
+        distill = t * t * py_kl(py_softmax(t_clean[i], t), py_softmax(s_adv[i], t))
         total += a * distill + (1 - a) * _ce(s_clean[i], k)
         if introspect:
-            gamma = _softmax(t_trust[i])[k] ** b
-            total += a * (1 - gamma) * _kl(_softmax(s_clean[i]), _softmax(s_adv[i]))
+            gamma = py_softmax(t_trust[i])[k] ** b
+            total += a * (1 - gamma) * py_kl(py_softmax(s_clean[i]), py_softmax(s_adv[i]))
     return total / n
 
 
@@ -289,8 +277,8 @@ def test_iad_inner_max_raises_the_student_ce():
 
 def _rslad_hand(student, teacher, x, x_adv, w):
     s_clean, s_adv, t_clean = _rows(student, x), _rows(student, x_adv), _rows(teacher, x)
-    adv = sum(_kl(_softmax(t), _softmax(s)) for t, s in zip(t_clean, s_adv, strict=True))
-    nat = sum(_kl(_softmax(t), _softmax(s)) for t, s in zip(t_clean, s_clean, strict=True))
+    adv = sum(py_kl(py_softmax(t), py_softmax(s)) for t, s in zip(t_clean, s_adv, strict=True))
+    nat = sum(py_kl(py_softmax(t), py_softmax(s)) for t, s in zip(t_clean, s_clean, strict=True))
     return (w * adv + (1 - w) * nat) / len(t_clean)
 
 
@@ -308,7 +296,7 @@ def test_rslad_targets_are_the_teachers_clean_soft_labels():
     got = RSLAD({"adv_weight": w}).loss(student, [teacher], x, x_adv, y).item()
     s_clean, s_adv, t_clean = _rows(student, x), _rows(student, x_adv), _rows(teacher, x)
     rev = sum(
-        w * _kl(_softmax(s), _softmax(t)) + (1 - w) * _kl(_softmax(c), _softmax(t))
+        w * py_kl(py_softmax(s), py_softmax(t)) + (1 - w) * py_kl(py_softmax(c), py_softmax(t))
         for t, s, c in zip(t_clean, s_adv, s_clean, strict=True)
     ) / len(y)
     assert got != pytest.approx(rev, rel=1e-3)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import py_kl, py_softmax
 from torch import nn
 
 from sweep.attacks import ce_objective, pgd
@@ -21,17 +22,8 @@ LABELS = [1, 0]
 IDENTITY = nn.Identity()
 
 
-def _softmax(row):
-    e = [math.exp(v) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p, q):
-    return sum(pk * math.log(pk / qk) for pk, qk in zip(p, q, strict=True))
-
-
 def _ce(rows, labels):
-    return -sum(math.log(_softmax(r)[c]) for r, c in zip(rows, labels, strict=True)) / len(rows)
+    return -sum(math.log(py_softmax(r)[c]) for r, c in zip(rows, labels, strict=True)) / len(rows)
 
 
 def _make(name, num_classes=3, **params):
@@ -60,7 +52,7 @@ def test_ce_is_the_negative_log_likelihood():
 def test_mse_is_the_squared_error_of_probabilities_against_one_hot():
     total = 0.0
     for row, label in zip(LOGITS, LABELS, strict=True):
-        p = _softmax(row)
+        p = py_softmax(row)
         total += sum((pk - (1.0 if k == label else 0.0)) ** 2 for k, pk in enumerate(p))
     assert _value(_make("mse"), LOGITS, LABELS) == pytest.approx(total / 2, rel=1e-6)
 
@@ -83,7 +75,7 @@ def test_label_smoothing_mixes_ce_with_the_mean_negative_log_probability():
     s = 0.2
     expected = 0.0
     for row, label in zip(LOGITS, LABELS, strict=True):
-        logp = [math.log(p) for p in _softmax(row)]
+        logp = [math.log(p) for p in py_softmax(row)]
         expected += (1 - s) * -logp[label] + s * sum(-v for v in logp) / 3
     expected /= 2
     got = _value(_make("label_smoothing", smoothing=s), LOGITS, LABELS)
@@ -98,8 +90,8 @@ def test_mcmi_is_ce_minus_lambda_kl_to_the_centroids_which_follow_the_ema_rule()
 
     # batch 1: centroids still uniform; classes 0 and 1 seen for the first time, 2 absent
     b1, y1 = [[1.0, 2.0, 0.0], [0.5, -1.0, 3.0], [0.0, 1.5, -0.5]], [0, 0, 1]
-    p1 = [_softmax(r) for r in b1]
-    kl1 = sum(_kl(p, uniform) for p in p1) / 3
+    p1 = [py_softmax(r) for r in b1]
+    kl1 = sum(py_kl(p, uniform) for p in p1) / 3
     assert _value(loss, b1, y1) == pytest.approx(_ce(b1, y1) - lam * kl1, rel=1e-5)
     q1 = {
         0: [(a + b) / 2 for a, b in zip(p1[0], p1[1], strict=True)],  # first update: batch mean
@@ -111,8 +103,8 @@ def test_mcmi_is_ce_minus_lambda_kl_to_the_centroids_which_follow_the_ema_rule()
 
     # batch 2 uses the centroids as they were after batch 1 (before its own update)
     b2, y2 = [[2.0, 0.0, 1.0], [0.0, 0.0, 2.0], [-1.0, 1.0, 1.0]], [0, 2, 2]
-    p2 = [_softmax(r) for r in b2]
-    kl2 = sum(_kl(p, q1[c]) for p, c in zip(p2, y2, strict=True)) / 3
+    p2 = [py_softmax(r) for r in b2]
+    kl2 = sum(py_kl(p, q1[c]) for p, c in zip(p2, y2, strict=True)) / 3
     assert _value(loss, b2, y2) == pytest.approx(_ce(b2, y2) - lam * kl2, rel=1e-5)
     q2 = {
         0: [m * a + (1 - m) * b for a, b in zip(q1[0], p2[0], strict=True)],  # EMA
@@ -147,7 +139,7 @@ def test_cmic_begin_sets_class_means_and_priors_in_eval_mode():
     loss = _make("cmic")
     loss.begin(model, train_x, train_y, batch_size=3)
     assert model[0].training
-    p = [_softmax(r) for r in train_x.tolist()]
+    p = [py_softmax(r) for r in train_x.tolist()]
     q0 = [sum(col) / 3 for col in zip(p[0], p[1], p[3], strict=True)]
     assert loss.centroids[0].tolist() == pytest.approx(q0, rel=1e-5)
     assert loss.centroids[1].tolist() == pytest.approx(p[2], rel=1e-5)
@@ -167,11 +159,11 @@ def test_cmic_loss_is_ce_plus_lambda_cmi_minus_beta_separation_and_q_step_sets_e
     batch, y = [[2.0, -1.0, 0.5], [0.0, 3.0, 1.0], [1.0, 1.0, -2.0]], [0, 1, 0]
     expected = _ce(batch, y)
     for row, c in zip(batch, y, strict=True):
-        p = _softmax(row)
+        p = py_softmax(row)
         cross = {
             v: -sum(pk * math.log(qk) for pk, qk in zip(p, q[v], strict=True)) for v in range(3)
         }
-        expected += lam * _kl(p, q[c]) / 3
+        expected += lam * py_kl(p, q[c]) / 3
         expected -= beta * sum(pi[v] * cross[v] for v in range(3) if v != c) / 3
     assert _value(loss, batch, y) == pytest.approx(expected, rel=1e-5)
     # the theta-step keeps Q fixed for the whole epoch
@@ -180,7 +172,7 @@ def test_cmic_loss_is_ce_plus_lambda_cmi_minus_beta_separation_and_q_step_sets_e
     batch2, y2 = [[0.0, 1.0, 0.0]], [0]
     loss.loss(IDENTITY, torch.tensor(batch2), torch.tensor(y2))
     loss.end_epoch()
-    p = [_softmax(r) for r in batch + batch2]
+    p = [py_softmax(r) for r in batch + batch2]
     epoch_q0 = [sum(col) / 3 for col in zip(p[0], p[2], p[3], strict=True)]
     assert loss.centroids[0].tolist() == pytest.approx(epoch_q0, rel=1e-5)
     assert loss.centroids[1].tolist() == pytest.approx(p[1], rel=1e-5)
@@ -189,7 +181,7 @@ def test_cmic_loss_is_ce_plus_lambda_cmi_minus_beta_separation_and_q_step_sets_e
     # the next epoch accumulates afresh
     loss.loss(IDENTITY, torch.tensor([[3.0, 0.0, 0.0]]), torch.tensor([1]))
     loss.end_epoch()
-    assert loss.centroids[1].tolist() == pytest.approx(_softmax([3.0, 0.0, 0.0]), rel=1e-5)
+    assert loss.centroids[1].tolist() == pytest.approx(py_softmax([3.0, 0.0, 0.0]), rel=1e-5)
     assert loss.centroids[0].tolist() == pytest.approx(epoch_q0, rel=1e-5)
 
 
@@ -256,8 +248,10 @@ def test_trades_kl_term_equals_a_hand_computation_for_a_given_x_adv():
     x_adv = 1 - x  # any given point: the loss does not care how x' was found
     with torch.no_grad():
         nat, adv = model(x).tolist(), model(x_adv).tolist()
-    kl = sum(_kl(_softmax(a), _softmax(b)) for a, b in zip(nat, adv, strict=True)) / len(nat)
-    reverse = sum(_kl(_softmax(b), _softmax(a)) for a, b in zip(nat, adv, strict=True)) / len(nat)
+    kl = sum(py_kl(py_softmax(a), py_softmax(b)) for a, b in zip(nat, adv, strict=True)) / len(nat)
+    reverse = sum(py_kl(py_softmax(b), py_softmax(a)) for a, b in zip(nat, adv, strict=True)) / len(
+        nat
+    )
     assert kl > 0 and abs(kl - reverse) > 1e-2 * kl
     term = loss.robust_loss(model, x, x_adv, y).item() - _ce(nat, y.tolist())
     assert term == pytest.approx(beta * kl, rel=1e-4)
