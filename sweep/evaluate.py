@@ -1,20 +1,60 @@
-"""Clean and robust accuracy. Robust accuracy counts every example: one misclassified when
-clean counts as not robust (DESIGN §3.4)."""
+"""Clean and robust accuracy, and sanity checks on the numbers.
+
+Robust accuracy counts every example: one misclassified when clean counts as not robust, and
+with restarts an example is robust only if it survives every restart (DESIGN §3.4). Each attack
+maximises its own evaluation objective (cross-entropy for PGD, the CW margin for cw_inf).
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attacks import ce_objective, eval_mode, run_attack
+from .attacks import ATTACKS, ce_objective, eval_mode, run_attack
 
 
 @torch.no_grad()
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1) == y
+
+
+def robust_mask(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Any,
+    *,
+    eps: float,
+    norm: str = "linf",
+) -> torch.Tensor:
+    """Per example: correct on the clean input and on every restart's adversarial example.
+    Later restarts attack only the examples still standing."""
+    info = ATTACKS.get(attack.name)
+    make_objective = getattr(info, "objective", ce_objective)
+    eps = attack.eps if attack.eps is not None else eps
+    norm = attack.norm or norm
+    ok = _correct(model, x, y)
+    for _ in range(attack.restarts):
+        idx = ok.nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        kwargs = {"norm": norm} if norm != "linf" else {}
+        x_adv = run_attack(
+            attack.name,
+            model,
+            x[idx],
+            make_objective(y[idx]),
+            eps=eps,
+            steps=attack.steps,
+            step_size=attack.step_size,
+            **kwargs,
+        )
+        ok[idx] = _correct(model, x_adv, y[idx])
+    return ok
 
 
 def accuracy(
@@ -24,24 +64,18 @@ def accuracy(
     *,
     attack: Any | None = None,
     eps: float = 0.0,
+    norm: str = "linf",
     batch_size: int = 256,
 ) -> float:
-    """Accuracy on (x, y), on adversarial examples of `attack` (an AttackRun) when given."""
+    """Accuracy on (x, y); robust accuracy under `attack` (an AttackRun) when given."""
     correct = 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-            if attack is not None:
-                xb = run_attack(
-                    attack.name,
-                    model,
-                    xb,
-                    ce_objective(yb),
-                    eps=eps,
-                    steps=attack.steps,
-                    step_size=attack.step_size,
-                )
-            correct += int(_correct(model, xb, yb).sum())
+            if attack is None:
+                correct += int(_correct(model, xb, yb).sum())
+            else:
+                correct += int(robust_mask(model, xb, yb, attack, eps=eps, norm=norm).sum())
     return correct / max(len(x), 1)
 
 
@@ -52,6 +86,7 @@ def evaluate_suite(
     attacks: Sequence[Any],
     *,
     eps: float,
+    norm: str = "linf",
     batch_size: int = 256,
     prefix: str = "test",
 ) -> dict[str, float]:
@@ -59,6 +94,35 @@ def evaluate_suite(
     out = {f"{prefix}/clean_acc": accuracy(model, x, y, batch_size=batch_size)}
     for a in attacks:
         out[f"{prefix}/robust_acc/{a.key}"] = accuracy(
-            model, x, y, attack=a, eps=eps, batch_size=batch_size
+            model, x, y, attack=a, eps=eps, norm=norm, batch_size=batch_size
         )
+    return out
+
+
+def sanity_warnings(
+    metrics: dict[str, float], attacks: Sequence[Any], *, eps: float, prefix: str = "test"
+) -> list[str]:
+    """Numbers that should not happen with a sound attack and evaluation:
+    - robust accuracy above clean accuracy;
+    - robust accuracy that rises as eps grows (same attack, several eps);
+    - an attack at eps > 0 that changed no prediction of a model that is not perfect
+      (typical of gradient masking, or an attack started at a point of zero gradient)."""
+    out: list[str] = []
+    clean = metrics.get(f"{prefix}/clean_acc")
+    by_kind: dict[tuple, list[tuple[float, str, float]]] = defaultdict(list)
+    for a in attacks:
+        key = f"{prefix}/robust_acc/{a.key}"
+        if key not in metrics or clean is None:
+            continue
+        value, a_eps = metrics[key], a.eps if a.eps is not None else eps
+        if value > clean + 1e-9:
+            out.append(f"{a.key}: robust accuracy {value:.4f} is above clean {clean:.4f}")
+        if a_eps > 0 and 0 < clean < 1 and abs(value - clean) < 1e-12:
+            out.append(f"{a.key}: changed no prediction at eps {a_eps:g} (gradient masking?)")
+        by_kind[(a.name, a.steps, a.norm, a.restarts)].append((a_eps, a.key, value))
+    for runs in by_kind.values():
+        runs.sort()
+        for (e1, k1, v1), (e2, k2, v2) in zip(runs, runs[1:], strict=False):
+            if e2 > e1 and v2 > v1 + 1e-9:
+                out.append(f"{k2}: robust accuracy {v2:.4f} at eps {e2:g} is above {k1}'s {v1:.4f}")
     return out

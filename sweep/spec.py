@@ -126,8 +126,17 @@ class GridSpec(StrictModel):
 
 
 class ThreatSpec(StrictModel):
-    norm: Literal["linf"] = "linf"
-    eps: float = Field(8 / 255, ge=0, le=1, description="pixel scale; data range is [0, 1]")
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(8 / 255, ge=0, description="pixel scale; data range is [0, 1]")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> ThreatSpec:
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError(
+                f"eps: an L-inf eps is in pixel scale, data in [0, 1]: must be <= 1 (got "
+                f"{self.eps}); 8/255 = 0.0314 is the usual CIFAR value"
+            )
+        return self
 
 
 class TrainAttackSpec(StrictModel):
@@ -142,6 +151,9 @@ class AttackRun(StrictModel):
     name: str
     steps: int = Field(10, gt=0)
     step_size: float | None = Field(None, gt=0, le=1)
+    restarts: int = Field(1, ge=1, description="robust only if robust under every restart")
+    eps: float | None = Field(None, ge=0, description="default: threat.eps")
+    norm: Literal["linf", "l2"] | None = Field(None, description="default: threat.norm")
     label: str | None = None
 
     @model_validator(mode="before")
@@ -167,9 +179,13 @@ class AttackRun(StrictModel):
 
     @property
     def key(self) -> str:
+        """The metric name's last part: `pgd20`, `pgd20_l2`, `pgd20@0.05`, `pgd20_r5`."""
         if self.label:
             return self.label
-        return self.name + (str(self.steps) if ATTACKS.get(self.name).iterative else "")
+        key = self.name + (str(self.steps) if ATTACKS.get(self.name).iterative else "")
+        key += "_l2" if self.norm == "l2" else ""
+        key += f"@{self.eps:g}" if self.eps is not None else ""
+        return key + (f"_r{self.restarts}" if self.restarts > 1 else "")
 
 
 class EvaluationSpec(StrictModel):

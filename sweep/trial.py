@@ -22,7 +22,7 @@ from torch import nn
 from .attacks import run_attack
 from .cmi import output_metrics
 from .data import Splits, load_splits, make_augmentation
-from .evaluate import accuracy, evaluate_suite
+from .evaluate import accuracy, evaluate_suite, sanity_warnings
 from .methods import METHODS
 from .models import build_model
 from .spec import TRAINING_PARAMS, Cell, SweepSpec, dump_spec
@@ -118,7 +118,13 @@ def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[
     return {
         "val/clean_acc": float((logits.argmax(1) == y).float().mean()),
         "val/robust_acc": accuracy(
-            model, x, y, attack=ev.val_attack, eps=spec.threat.eps, batch_size=ev.batch_size
+            model,
+            x,
+            y,
+            attack=ev.val_attack,
+            eps=spec.threat.eps,
+            norm=spec.threat.norm,
+            batch_size=ev.batch_size,
         ),
         "val/loss": val_loss,
     }
@@ -133,6 +139,7 @@ def test_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, f
         data.y_test[:n],
         spec.evaluation.attacks,
         eps=spec.threat.eps,
+        norm=spec.threat.norm,
         batch_size=spec.evaluation.batch_size,
     )
 
@@ -292,6 +299,10 @@ def finalize(
         return {}
     metrics = test_metrics(ctx.spec, model, data)
     tracker.log_metrics(run_id, metrics, step=epoch)
+    warnings = sanity_warnings(metrics, ctx.spec.evaluation.attacks, eps=ctx.spec.threat.eps)
+    for w in warnings:
+        print(f"warning: run {run_id}: {w}", flush=True)
+    tracker.set_tags(run_id, {"sanity_warnings": "; ".join(warnings)[:5000] or "none"})
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     tracker.log_artifacts(run_id, {"student.pt": buf.getvalue(), "sweep.yaml": dump_spec(ctx.spec)})
