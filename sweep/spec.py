@@ -440,8 +440,9 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
         if e["type"] == "missing":
             msg = "required field is missing"
         m = re.match(r"([\w./\[\]-]+): (.*)", msg, re.S)
-        if not field and m:  # cross-field checks name their own field
-            field, msg = m.group(1), m.group(2)
+        if m:  # model-level checks name their own field, relative to where they sit
+            field = f"{field}.{m.group(1)}" if field else m.group(1)
+            msg = m.group(2)
         if e["type"] not in ("missing", "value_error", "assertion_error") and "input" in e:
             msg += f" (got {e['input']!r})"
         out.append((field, msg))

@@ -41,18 +41,18 @@ def _problems(data):
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=[{"name": "mcmi", "params": {"lamda": 1}}])},
-            "grid.teacher_loss[0]",
-            ["params.lamda: not a parameter of 'mcmi'", "allowed: lambda, momentum"],
+            "grid.teacher_loss[0].params.lamda",
+            ["not a parameter of 'mcmi'", "allowed: lambda, momentum"],
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=[{"name": "trades", "params": {"beta": -1}}])},
-            "grid.teacher_loss[0]",
-            ["params.beta", ">= 0"],
+            "grid.teacher_loss[0].params.beta",
+            [">= 0"],
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=[{"name": "mcmi", "params": {"lambda": []}}])},
-            "grid.teacher_loss[0]",
-            ["params.lambda: an empty list"],
+            "grid.teacher_loss[0].params.lambda",
+            ["an empty list"],
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=["ce", {"name": "ce"}])},
@@ -65,8 +65,8 @@ def _problems(data):
                 "grid": _grid(),
                 "teacher_sets": {"robust": {"loss": "pgd_at", "params": {"beta": 6}}},
             },
-            "teacher_sets.robust",
-            ["params.beta: not a parameter of 'pgd_at'", "allowed: eps, step_size, steps"],
+            "teacher_sets.robust.params.beta",
+            ["not a parameter of 'pgd_at'", "allowed: eps, step_size, steps"],
         ),
         (
             {"name": "x", "grid": _grid(method=["kd", "mtard"])},
@@ -81,7 +81,7 @@ def _problems(data):
         (
             {"name": "x", "grid": _grid(train_attack=["cw"])},
             "grid.train_attack",
-            ["cw", "allowed: fgsm, none, pgd"],
+            ["cw", "allowed: cw_inf, fgsm, fgsm_rs, mifgsm, none, pgd"],
         ),
         (
             {"name": "x", "grid": _grid(), "dataset": {"name": "imagenet"}},
@@ -106,7 +106,7 @@ def _problems(data):
         (
             {"name": "x", "grid": _grid(), "threat": {"eps": 8}},
             "threat.eps",
-            ["less than or equal to 1"],
+            ["must be <= 1", "8/255"],
         ),
         (
             {
