@@ -83,6 +83,10 @@ class _Store:
         self.fs, self.base = pafs.FileSystem.from_uri(root if self.remote else Path(root).as_uri())
         self.uri = root
 
+    def location(self, *parts: str) -> str:
+        """Where a file is, as the user would write it: a local path or a URI."""
+        return "/".join([self.uri.rstrip("/"), *parts])
+
     def path(self, *parts: str) -> str:
         return "/".join([self.base.rstrip("/"), *parts])
 
@@ -146,7 +150,7 @@ class TeacherCache:
             h,
             meta["identity"],
             meta["metrics"],
-            self.store.path(h),
+            self.store.location(h),
             "cached",
             None,
             meta.get("history", []),
@@ -167,6 +171,15 @@ class TeacherCache:
             "history": history,
         }
         self.store.write(json.dumps(meta, indent=2, sort_keys=True).encode(), h, "meta.json")
+
+    def load(self, h: str, model: nn.Module) -> TeacherRecord:
+        """Load the cached teacher `h` into `model` (for analysis); an unusable copy raises."""
+        record, problem = self._load(h, model)
+        if record is None:
+            raise FileNotFoundError(
+                f"teacher {h} under {self.store.uri}: {problem or 'not in the cache'}"
+            )
+        return record
 
     def get_or_train(
         self,
@@ -197,7 +210,7 @@ class TeacherCache:
                 metrics = train(model)
                 self._store(h, identity, model, metrics, history)
                 record = TeacherRecord(
-                    h, identity, metrics, self.store.path(h), event, problem, history
+                    h, identity, metrics, self.store.location(h), event, problem, history
                 )
             if on_ready is not None:
                 on_ready(record)

@@ -66,6 +66,14 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
 
+    @classmethod
+    def for_run(cls, tracking_uri: str, run_id: str) -> tuple[Tracker, Any]:
+        """The tracker of the experiment that holds `run_id`, and the run."""
+        client = MlflowClient(tracking_uri)
+        run = client.get_run(run_id)
+        name = client.get_experiment(run.info.experiment_id).name
+        return cls(tracking_uri, name), run
+
     def _experiment(self, name: str, artifact_root: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
@@ -124,6 +132,9 @@ class Tracker:
                 else:
                     dst.write_text(content)
             self.client.log_artifacts(run_id, d)
+
+    def download_artifact(self, run_id: str, name: str, dst: str | Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, name, str(dst)))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
