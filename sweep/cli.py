@@ -1,4 +1,4 @@
-"""`sweep run | validate | status | list`.
+"""`sweep run | validate | status | evaluate | list`.
 
 A bad sweep file exits with status 2 and a message naming the file, the field and what is
 allowed, before Ray is imported, let alone started.
@@ -87,6 +87,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .final_eval import evaluate_sweep
+
+    try:
+        done = evaluate_sweep(
+            args.name,
+            args.storage,
+            top=args.top,
+            attacks=args.attacks,
+            examples=args.examples,
+            force=args.force,
+        )
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    except ValidationError as e:
+        return _fail(f"--attacks: {e.errors()[0]['msg']}")
+    print(f"evaluated {len(done)} runs; metrics final/... in their MLflow runs")
+    return 0
+
+
 def registry_listing() -> dict[str, Any]:
     from .attacks import ATTACKS
     from .data import DATASETS
@@ -159,6 +181,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--storage", default="./sweeps", help="the sweep file's storage.path")
     s.set_defaults(fn=cmd_status)
+    e = sub.add_parser(
+        "evaluate", help="full test-set suite for the best trials of each cell, into their runs"
+    )
+    e.add_argument("name")
+    e.add_argument("--top", type=int, default=1, help="trials per cell, by the sweep's objective")
+    e.add_argument("--storage", default="./sweeps", help="the sweep file's storage.path")
+    e.add_argument("--attacks", nargs="+", help="e.g. pgd50 cw_inf30 (default: the file's suite)")
+    e.add_argument("--examples", type=int, help="test examples (default: all)")
+    e.add_argument("--force", action="store_true", help="re-evaluate runs already evaluated")
+    e.set_defaults(fn=cmd_evaluate)
     ls = sub.add_parser(
         "list", help="registered datasets, models, teacher losses, methods, attacks"
     )

@@ -151,6 +151,24 @@ def test_status_reports_every_cell(tiny_sweep):
         assert line.split()[1:6] == ["2", "0", "0", "0", "0"]
 
 
+def test_evaluate_top_k_logs_the_full_suite_into_each_cells_best_run(tiny_sweep):
+    tmp_path, _, _ = tiny_sweep
+    storage = str(tmp_path / "sweeps")
+    r = _sweep(tmp_path, "evaluate", "tiny", "--top", "1", "--storage", storage)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    done = client.search_runs([exp.experiment_id], "tags.final_eval = 'done'")
+    assert sorted(d.data.tags["cell"] for d in done) == sorted(
+        ["ce.kd.pgd", "mse.kd.pgd", "ce.ard.pgd", "mse.ard.pgd"]
+    )
+    assert all("final/robust_acc/pgd20" in d.data.metrics for d in done)
+    again = _sweep(tmp_path, "evaluate", "tiny", "--top", "1", "--storage", storage)
+    assert again.returncode == 0 and again.stdout.count("already evaluated") == 4
+    bad = _sweep(tmp_path, "evaluate", "nosuch", "--storage", storage)
+    assert bad.returncode == 2 and "no sweep 'nosuch'" in bad.stderr
+
+
 def test_running_an_existing_sweep_again_is_refused(tiny_sweep):
     tmp_path, _, _ = tiny_sweep
     r = _sweep(tmp_path, "run", "tiny.yaml")

@@ -1,0 +1,130 @@
+"""`sweep evaluate NAME --top K`: the full suite on the whole test set for the best trials of
+each cell, logged into those trials' own MLflow runs under `final/...`.
+
+Why after the sweep: during the sweep each trial is tested on `evaluation.test_examples` (cheap);
+a paper reports its finalists on every test example and under the strongest attacks. The best
+trials are chosen by the sweep's (validation) objective, never by a test number (DESIGN §3.3).
+A run already evaluated is skipped, so an interrupted `sweep evaluate` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import load_run
+from .evaluate import evaluate_suite, sanity_warnings
+from .spec import AttackRun, SweepSpec, parse_spec
+from .tracking import Tracker
+
+PREFIX = "final"
+
+
+def best_runs(tracker: Tracker, spec: SweepSpec, top: int) -> dict[str, list[Any]]:
+    """Per cell, the `top` finished student runs by the sweep's first objective."""
+    obj = spec.objectives[0]
+    out: dict[str, list[Any]] = {}
+    for cell in spec.cells():
+        runs = [
+            r
+            for r in tracker.runs("student")
+            if r.data.tags.get("cell") == cell.key
+            and r.data.tags.get("sweep") == spec.name
+            and r.info.status == "FINISHED"
+            and obj.metric in r.data.metrics
+        ]
+        runs.sort(key=lambda r: r.data.metrics[obj.metric], reverse=obj.mode == "max")
+        out[cell.key] = runs[:top]
+    return out
+
+
+def evaluate_finalists(
+    tracker: Tracker,
+    spec: SweepSpec,
+    *,
+    top: int = 1,
+    attacks: list[AttackRun] | None = None,
+    examples: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+) -> list[tuple[str, dict[str, float]]]:
+    """Evaluate and log; returns (run id, metrics) for the runs evaluated now."""
+    attacks = attacks or list(spec.evaluation.attacks)
+    done: list[tuple[str, dict[str, float]]] = []
+    chosen = best_runs(tracker, spec, top)
+    total = sum(len(v) for v in chosen.values())
+    k = 0
+    for cell, runs in chosen.items():
+        for run in runs:
+            k += 1
+            rid = run.info.run_id
+            if run.data.tags.get("final_eval") == "done" and not force:
+                print(f"[{k}/{total}] {cell} {rid[:8]}: already evaluated, skipped", flush=True)
+                continue
+            start = time.time()
+            r = load_run(rid, tracker.uri, device=device, with_teachers=False)
+            n = examples or len(r.x_test)
+            metrics = evaluate_suite(
+                r.student,
+                r.x_test[:n],
+                r.y_test[:n],
+                attacks,
+                eps=spec.threat.eps,
+                norm=spec.threat.norm,
+                batch_size=spec.evaluation.batch_size,
+                prefix=PREFIX,
+            )
+            step = int(run.data.tags.get("epochs_trained", spec.budget.epochs))
+            tracker.log_metrics(rid, metrics, step=step)
+            warnings = sanity_warnings(metrics, attacks, eps=spec.threat.eps, prefix=PREFIX)
+            tracker.set_tags(
+                rid,
+                {
+                    "final_eval": "done",
+                    "final_examples": str(n),
+                    "final_attacks": ",".join(a.key for a in attacks),
+                    "final_sanity_warnings": "; ".join(warnings)[:5000] or "none",
+                },
+            )
+            shown = ", ".join(f"{key.split('/', 1)[1]}={v:.4f}" for key, v in metrics.items())
+            print(
+                f"[{k}/{total}] {cell} {rid[:8]}: {shown} ({n} examples, "
+                f"{time.time() - start:.0f}s)",
+                flush=True,
+            )
+            for w in warnings:
+                print(f"  warning: {w}", flush=True)
+            done.append((rid, metrics))
+    return done
+
+
+def evaluate_sweep(
+    name: str,
+    storage: str | Path = "./sweeps",
+    *,
+    top: int = 1,
+    attacks: list[str] | None = None,
+    examples: int | None = None,
+    force: bool = False,
+) -> list[tuple[str, dict[str, float]]]:
+    """The CLI's entry point: find the sweep's spec and MLflow store from its folder."""
+    sweep_dir = Path(storage).expanduser().resolve() / name
+    state_file = sweep_dir / "state.json"
+    if not state_file.exists():
+        raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} (give --storage)")
+    state = json.loads(state_file.read_text())
+    import yaml
+
+    spec = parse_spec(
+        yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), str(sweep_dir / "sweep.yaml")
+    )
+    tracker = Tracker(state["mlflow_tracking_uri"], state["experiment"])
+    runs = [AttackRun.model_validate(a) for a in attacks] if attacks else None
+    device = "cuda" if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    return evaluate_finalists(
+        tracker, spec, top=top, attacks=runs, examples=examples, device=device, force=force
+    )
