@@ -1,17 +1,24 @@
-"""L-inf attacks in plain PyTorch, behind one registry.
+"""L-inf and L2 attacks in plain PyTorch, behind one registry.
 
 The mechanics follow DESIGN.md §3.4: the attacked model is put in eval() (batch-norm statistics
-untouched) and restored afterwards; gradients are taken with torch.autograd.grad with respect to
-the input only, so no parameter's .grad is touched; every iterate is projected onto the eps-ball
-and clipped to the data range [0, 1].
+untouched) and each submodule's own mode is restored afterwards; gradients are taken with
+torch.autograd.grad with respect to the input only, so no parameter's .grad is touched; every
+iterate is projected onto the eps-ball (L-inf or L2) and clipped to the data range [0, 1].
 
 An attack maximises an *objective*: a function of the model's logits on the perturbed input that
 returns a scalar. The plain attack uses cross-entropy against the label; distillation methods
-pass their own inner-maximisation objective (e.g. a KL against the teacher).
+pass their own inner-maximisation objective (e.g. a KL against the teacher). For *evaluation*
+each registered attack names the objective it is defined with (`AttackInfo.objective`): CE for
+FGSM/PGD/MI-FGSM, the Carlini-Wagner margin for `cw_inf`.
+
+Every attack function has the signature
+`fn(model, x, objective, *, eps, steps, step_size=None, norm="linf", **_)`; the ones that do
+not iterate ignore `steps`, and an unsupported `norm` is a ValueError naming the allowed norms.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,14 +31,65 @@ from .registry import Registry
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
+NORMS = ("linf", "l2")
+# Carlini-Wagner confidence used by `cw_inf`; see `cw_inf_objective` for why 50.
+CW_KAPPA = 50.0
+# Guards divisions by a per-example norm that can be exactly zero (a saturated or flat loss).
+_TINY = 1e-12
+
+
+def ce_objective(y: torch.Tensor) -> Objective:
+    """Sum (not mean) so a per-example gradient does not shrink with the batch size."""
+    return lambda logits: F.cross_entropy(logits, y, reduction="sum")
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example, max_{j != y} z_j - z_y: positive exactly when the example is misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    is_true = F.one_hot(y, logits.shape[1]).bool()
+    other = logits.masked_fill(is_true, float("-inf")).amax(1)
+    return other - true
+
+
+def cw_objective(y: torch.Tensor, kappa: float = 0.0) -> Objective:
+    """Carlini & Wagner (2017), f_6 untargeted: sum_i min(max_{j != y_i} z_ij - z_{i,y_i}, kappa).
+
+    Maximising it is minimising CW's max(z_y - max_{j != y} z_j, -kappa): the margin is pushed
+    until the wrong class leads by kappa, then the example stops moving (its gradient is zero).
+    This equals the robustness codes' `cwloss` (CAT -> MART, FAT/GAIRAT, RSLAD, IAD),
+    -clamp(z_y - max_{j != y} z_j + kappa, min=0), plus the constant kappa per example, so the
+    gradients (and every attack step) are the same. Why a margin and not CE: its gradient does
+    not vanish when the softmax saturates, so it exposes gradient masking that fools CE-PGD.
+    Summed over the batch, as `ce_objective`, so per-example gradients do not depend on the batch.
+    """
+    return lambda logits: cw_margin(logits, y).clamp(max=kappa).sum()
+
+
+def cw_inf_objective(y: torch.Tensor) -> Objective:
+    """The objective of the registered `cw_inf`: the CW margin with kappa = CW_KAPPA = 50.
+
+    Why 50 and not CW's default 0: 50 is what the evaluation code behind the robust-KD numbers
+    users compare with uses (the `cwloss(..., confidence=50)` of CAT/MART/RSLAD/IAD), i.e. in
+    practice the unclamped margin; with kappa = 0 an example stops exactly at the decision
+    boundary, where a later forward pass in another precision or batch size can flip it back.
+    """
+    return cw_objective(y, kappa=CW_KAPPA)
+
 
 @dataclass(frozen=True)
 class AttackInfo:
-    """A registered attack: its function and whether it iterates (takes `steps`)."""
+    """A registered attack.
+
+    `iterative`: whether it takes `steps`. `objective`: y -> the loss it maximises when used for
+    evaluation (training-time callers pass their method's own). `norms`: the threat models it
+    implements.
+    """
 
     fn: Callable[..., torch.Tensor]
     iterative: bool
     summary: str
+    objective: Callable[[torch.Tensor], Objective] = ce_objective
+    norms: tuple[str, ...] = ("linf",)
 
 
 ATTACKS: Registry[AttackInfo] = Registry("attack")
@@ -49,11 +107,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def ce_objective(y: torch.Tensor) -> Objective:
-    """Sum (not mean) so a per-example gradient does not shrink with the batch size."""
-    return lambda logits: F.cross_entropy(logits, y, reduction="sum")
-
-
 def input_grad(model: nn.Module, x: torch.Tensor, objective: Objective) -> torch.Tensor:
     """d objective(model(x)) / dx, taken w.r.t. the input only (no parameter's .grad is touched).
 
@@ -66,14 +119,77 @@ def input_grad(model: nn.Module, x: torch.Tensor, objective: Objective) -> torch
     return grad
 
 
+def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A value per example, shaped (N, 1, 1, ...) to broadcast against `like`."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _per_example_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+    """The p-norm of each example, shaped (N, 1, 1, ...) to broadcast against t."""
+    return _per_example(t.flatten(1).norm(p=p, dim=1), t)
+
+
+def _mean_abs(t: torch.Tensor) -> torch.Tensor:
+    """||t||_1 / d of each example, shaped (N, 1, 1, ...)."""
+    return _per_example(t.abs().flatten(1).mean(1), t)
+
+
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """Onto the L-inf eps-ball around x, then into the data range [0, 1]."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
+def project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Onto the L2 eps-ball around x (per-example rescaling), then into [0, 1].
+
+    Clipping after the rescaling cannot leave the ball: x is in [0, 1], so clipping only moves
+    each coordinate of x_adv towards x's.
+    """
+    delta = x_adv - x
+    scale = (eps / _per_example_norm(delta, 2).clamp_min(_TINY)).clamp(max=1.0)
+    return (x + delta * scale).clamp_(0.0, 1.0)
+
+
+_PROJECT: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "linf": project,
+    "l2": project_l2,
+}
+
 # the private names predate the public ones; kept so nothing that used them breaks
 _input_grad = input_grad
 _project = project
+
+
+def check_norm(attack: str, norm: str, allowed: tuple[str, ...]) -> None:
+    """Fail loudly: an L2 budget silently run as L-inf would report the wrong threat model."""
+    if norm not in allowed:
+        raise ValueError(
+            f"attack {attack!r} does not support norm {norm!r}; allowed: {', '.join(allowed)}"
+        )
+
+
+def uniform_in_ball(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """A point uniform in the eps-ball around x (then clipped to [0, 1]).
+
+    L-inf: each coordinate uniform in [-eps, eps] (Madry et al. 2018). L2: a direction uniform on
+    the sphere (a normalised Gaussian) and radius eps * U^(1/d), d the number of coordinates, which
+    is uniform in the ball's volume (a uniform radius would crowd the points near the centre).
+    """
+    if norm == "linf":
+        return project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    direction = torch.randn_like(x)
+    direction = direction / _per_example_norm(direction, 2).clamp_min(_TINY)
+    d = math.prod(x.shape[1:])
+    radius = eps * torch.rand(direction.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / d)
+    return project_l2(x + direction * _per_example(radius, x), x, eps)
+
+
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of unit norm for the threat model: sign(g) for L-inf (the
+    maximiser of <g, d> over the unit L-inf ball), g / ||g||_2 per example for L2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _per_example_norm(grad, 2).clamp_min(_TINY)
 
 
 def no_attack(model: nn.Module, x: torch.Tensor, objective: Objective, **_: object) -> torch.Tensor:
@@ -81,12 +197,26 @@ def no_attack(model: nn.Module, x: torch.Tensor, objective: Objective, **_: obje
 
 
 def fgsm(
-    model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: float, **_: object
+    model: nn.Module,
+    x: torch.Tensor,
+    objective: Objective,
+    *,
+    eps: float,
+    steps: int = 1,
+    step_size: float | None = None,
+    norm: str = "linf",
+    **_: object,
 ) -> torch.Tensor:
-    """Goodfellow et al. 2015: one signed-gradient step of size eps from the clean input."""
+    """Goodfellow et al. 2015: one signed-gradient step of size eps from the clean input.
+
+    `steps` is ignored; `step_size` (default eps) overrides the step, projected back to the ball.
+    """
+    check_norm("fgsm", norm, ("linf",))
+    alpha = step_size if step_size is not None else eps
+    x = x.detach()
     with eval_mode(model):
         grad = input_grad(model, x, objective)
-    return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
+    return project(x + alpha * grad.sign(), x, eps).detach()
 
 
 def pgd(
@@ -97,29 +227,101 @@ def pgd(
     eps: float,
     steps: int,
     step_size: float | None = None,
+    norm: str = "linf",
     random_start: bool = True,
     **_: object,
 ) -> torch.Tensor:
-    """Madry et al. 2018: projected signed-gradient ascent from a uniform random start.
+    """Madry et al. 2018: projected steepest ascent from a uniform random start in the ball.
 
-    The default step size 2.5 * eps / steps is Madry et al.'s rule: enough to reach the ball's
-    boundary from anywhere inside it.
+    L-inf steps along sign(g), L2 steps along g / ||g||_2 (per example); each iterate is projected
+    onto the ball and [0, 1]. The default step size 2.5 * eps / steps is Madry et al.'s rule,
+    for both norms: enough to reach the ball's boundary from anywhere inside it.
     """
+    check_norm("pgd", norm, NORMS)
     alpha = step_size if step_size is not None else 2.5 * eps / steps
+    proj = _PROJECT[norm]
     x = x.detach()
-    x_adv = x.clone()
-    if random_start:
-        x_adv = project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    x_adv = uniform_in_ball(x, eps, norm) if random_start else x.clone()
     with eval_mode(model):
         for _ in range(steps):
             grad = input_grad(model, x_adv, objective)
-            x_adv = project(x_adv + alpha * grad.sign(), x, eps)
+            x_adv = proj(x_adv + alpha * ascent_direction(grad, norm), x, eps)
     return x_adv.detach()
 
 
-ATTACKS.register("none")(AttackInfo(no_attack, False, "clean inputs"))
+def fgsm_rs(
+    model: nn.Module,
+    x: torch.Tensor,
+    objective: Objective,
+    *,
+    eps: float,
+    steps: int = 1,
+    step_size: float | None = None,
+    norm: str = "linf",
+    **_: object,
+) -> torch.Tensor:
+    """Wong, Rice & Kolter 2020 ("Fast is better than free"): FGSM from a uniform random start.
+
+    One signed step of alpha = 1.25 * eps (their recommended value; `step_size` overrides) from a
+    point uniform in the L-inf ball, projected to the ball and [0, 1]. The random start is what
+    lets single-step adversarial training avoid catastrophic overfitting. `steps` is ignored.
+    This is one step of `pgd` with that step size, and is implemented as exactly that.
+    """
+    check_norm("fgsm_rs", norm, ("linf",))
+    alpha = step_size if step_size is not None else 1.25 * eps
+    return pgd(model, x, objective, eps=eps, steps=1, step_size=alpha, random_start=True)
+
+
+def mifgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    objective: Objective,
+    *,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    norm: str = "linf",
+    decay: float = 1.0,
+    **_: object,
+) -> torch.Tensor:
+    """Dong et al. 2018 (MI-FGSM): signed steps along an accumulated, normalised gradient.
+
+    g <- decay * g + grad / mean|grad| (per example; the paper divides by ||grad||_1, torchattacks
+    by mean|grad|: every term then differs by the same factor d, so sign(g) is the same), then
+    x <- proj(x + step * sign(g)), from the clean input (no random start), step = eps / steps
+    (`step_size` overrides) and decay mu = 1.0 as in the paper. The normalisation makes every
+    iteration's gradient count equally in the momentum, whatever its scale.
+    """
+    check_norm("mifgsm", norm, ("linf",))
+    alpha = step_size if step_size is not None else eps / steps
+    x = x.detach()
+    x_adv = x.clone()
+    g = torch.zeros_like(x)
+    with eval_mode(model):
+        for _ in range(steps):
+            grad = input_grad(model, x_adv, objective)
+            g = decay * g + grad / _mean_abs(grad).clamp_min(_TINY)
+            x_adv = project(x_adv + alpha * g.sign(), x, eps)
+    return x_adv.detach()
+
+
+ATTACKS.register("none")(AttackInfo(no_attack, False, "clean inputs", norms=NORMS))
 ATTACKS.register("fgsm")(AttackInfo(fgsm, False, "FGSM, one step of size eps"))
-ATTACKS.register("pgd")(AttackInfo(pgd, True, "PGD L-inf with random start"))
+ATTACKS.register("fgsm_rs")(
+    AttackInfo(fgsm_rs, False, "FGSM from a random start, step 1.25*eps (Wong et al. 2020)")
+)
+ATTACKS.register("pgd")(AttackInfo(pgd, True, "PGD (L-inf or L2) with random start", norms=NORMS))
+ATTACKS.register("cw_inf")(
+    AttackInfo(
+        pgd,
+        True,
+        "CW-inf: L-inf PGD on the Carlini-Wagner margin, kappa=50",
+        objective=cw_inf_objective,
+    )
+)
+ATTACKS.register("mifgsm")(
+    AttackInfo(mifgsm, True, "MI-FGSM, momentum 1.0, step eps/steps (Dong et al. 2018)")
+)
 
 
 def run_attack(
@@ -131,5 +333,9 @@ def run_attack(
     eps: float,
     steps: int = 10,
     step_size: float | None = None,
+    norm: str = "linf",
 ) -> torch.Tensor:
-    return ATTACKS.get(name).fn(model, x, objective, eps=eps, steps=steps, step_size=step_size)
+    """Run the registered attack `name`; its norms are checked here so the error names it."""
+    info = ATTACKS.get(name)
+    check_norm(name, norm, info.norms)
+    return info.fn(model, x, objective, eps=eps, steps=steps, step_size=step_size, norm=norm)

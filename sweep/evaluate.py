@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks import ATTACKS, ce_objective, eval_mode, run_attack
+from .attacks import ATTACKS, eval_mode, run_attack
 
 
 @torch.no_grad()
@@ -33,8 +33,7 @@ def robust_mask(
 ) -> torch.Tensor:
     """Per example: correct on the clean input and on every restart's adversarial example.
     Later restarts attack only the examples still standing."""
-    info = ATTACKS.get(attack.name)
-    make_objective = getattr(info, "objective", ce_objective)
+    make_objective = ATTACKS.get(attack.name).objective
     eps = attack.eps if attack.eps is not None else eps
     norm = attack.norm or norm
     ok = _correct(model, x, y)
@@ -42,7 +41,6 @@ def robust_mask(
         idx = ok.nonzero().squeeze(1)
         if len(idx) == 0:
             break
-        kwargs = {"norm": norm} if norm != "linf" else {}
         x_adv = run_attack(
             attack.name,
             model,
@@ -51,7 +49,7 @@ def robust_mask(
             eps=eps,
             steps=attack.steps,
             step_size=attack.step_size,
-            **kwargs,
+            norm=norm,
         )
         ok[idx] = _correct(model, x_adv, y[idx])
     return ok

@@ -305,6 +305,7 @@ class SweepSpec(StrictModel):
                         f"allowed: {', '.join(sorted(allowed))}"
                     )
         self._check_teachers(methods)
+        self._check_norms()
         for m in methods:
             if m.needs_attack and self.grid.train_attack == ["none"]:
                 raise ValueError(
@@ -312,6 +313,26 @@ class SweepSpec(StrictModel):
                     f"but grid.train_attack is only 'none'; add fgsm or pgd"
                 )
         return self
+
+    def _check_norms(self) -> None:
+        norm = self.threat.norm
+        for a in self.grid.train_attack:
+            if norm not in ATTACKS.get(a).norms:
+                raise ValueError(
+                    f"grid.train_attack: {a!r} has no {norm} version; allowed for {norm}: "
+                    f"{', '.join(n for n, i in ATTACKS.items() if norm in i.norms)}"
+                )
+        runs = [("evaluation.val_attack", self.evaluation.val_attack)] + [
+            (f"evaluation.attacks[{i}]", a) for i, a in enumerate(self.evaluation.attacks)
+        ]
+        for where, a in runs:
+            n = a.norm or norm
+            if n not in ATTACKS.get(a.name).norms:
+                raise ValueError(
+                    f"{where}: {a.name!r} has no {n} version (it supports "
+                    f"{', '.join(ATTACKS.get(a.name).norms)}); the default suite is "
+                    f"[fgsm, pgd20]: for {n} give e.g. `attacks: [pgd20, pgd50]`"
+                )
 
     def _check_teachers(self, methods: list[Any]) -> None:
         variants = [t for e in self.grid.teacher_loss for t in e.expand(self.teacher_defaults())]

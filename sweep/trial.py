@@ -374,6 +374,7 @@ def run_trial(
             eps=eps,
             steps=spec.train_attack.steps,
             step_size=spec.train_attack.step_size,
+            norm=spec.threat.norm,
         )
 
     def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

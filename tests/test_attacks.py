@@ -9,9 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweep.attacks import ce_objective, run_attack
+from sweep.attacks import (
+    ATTACKS,
+    ce_objective,
+    cw_inf_objective,
+    cw_objective,
+    fgsm,
+    mifgsm,
+    pgd,
+    run_attack,
+    uniform_in_ball,
+)
 from sweep.evaluate import accuracy, evaluate_suite
-from sweep.models import build_model
+from sweep.models import Normalize, build_model
 from sweep.spec import AttackRun
 
 
@@ -48,15 +58,224 @@ def test_fgsm_is_one_signed_gradient_step_of_size_eps_clipped():
     assert torch.allclose(got, expected)
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd"])
-def test_adversarial_examples_stay_in_eps_ball_and_data_range(name):
+# every registered attack on every norm it supports, with the eps of that threat model
+ATTACK_NORMS = [(n, norm) for n, a in ATTACKS.items() for norm in a.norms]
+EPS = {"linf": 0.2, "l2": 1.0}
+
+
+def _distance(x_adv, x, norm):
+    """Per-example L-inf or L2 distance."""
+    d = (x_adv - x).flatten(1)
+    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
+def _bn_dropout_model():
+    """Batch norm (with non-trivial statistics) and dropout, left in train mode, one submodule
+    in eval: an attack must hand back exactly this."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        Normalize((0.3,), (0.4,)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    )
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(64, 1, 8, 8))
+    m[5].eval()
+    return m
+
+
+@pytest.mark.parametrize(("name", "norm"), ATTACK_NORMS)
+def test_adversarial_examples_stay_in_eps_ball_and_data_range(name, norm):
     model = _model()
     x, y = _batch()
-    eps = 0.2
-    x_adv = run_attack(name, model, x, ce_objective(y), eps=eps, steps=7)
-    assert (x_adv - x).abs().max() <= eps + 1e-6
+    eps = EPS[norm]
+    x_adv = run_attack(name, model, x, ATTACKS.get(name).objective(y), eps=eps, steps=7, norm=norm)
+    assert (_distance(x_adv, x, norm) <= eps + 1e-5).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
-    assert not torch.equal(x_adv, x)
+    assert torch.equal(x_adv, x) == (name == "none")
+    assert not x_adv.requires_grad
+
+
+@pytest.mark.parametrize(("name", "norm"), ATTACK_NORMS)
+def test_every_attack_leaves_parameters_buffers_grads_modes_and_input_untouched(name, norm):
+    model = _bn_dropout_model()
+    modes = [m.training for m in model.modules()]
+    before = copy.deepcopy(model.state_dict())
+    x, y = _batch()
+    x_before = x.clone()
+    run_attack(name, model, x, ATTACKS.get(name).objective(y), eps=EPS[norm], steps=3, norm=norm)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize(("name", "norm"), [an for an in ATTACK_NORMS if an[0] != "none"])
+def test_every_attack_increases_its_own_objective(name, norm):
+    model = _linear()
+    x, y = _batch(64)
+    objective = ATTACKS.get(name).objective(y)
+    torch.manual_seed(0)
+    x_adv = run_attack(name, model, x, objective, eps=EPS[norm] / 2, steps=5, norm=norm)
+    with torch.no_grad():
+        assert objective(model(x_adv)) > objective(model(x)) + 1.0
+
+
+@pytest.mark.parametrize("name", [n for n, a in ATTACKS.items() if "l2" not in a.norms])
+def test_unsupported_norm_is_an_error_naming_the_attack_and_the_allowed_norms(name):
+    x, y = _batch()
+    with pytest.raises(ValueError, match=rf"{name}.*'l2'.*allowed: linf$"):
+        run_attack(name, _linear(), x, ce_objective(y), eps=0.1, norm="l2")
+
+
+def test_unknown_norm_is_an_error_also_when_the_function_is_called_directly():
+    x, y = _batch()
+    with pytest.raises(ValueError, match="'pgd'.*'l1'.*allowed: linf, l2"):
+        run_attack("pgd", _linear(), x, ce_objective(y), eps=0.1, norm="l1")
+    with pytest.raises(ValueError, match="'fgsm'.*allowed: linf"):
+        fgsm(_linear(), x, ce_objective(y), eps=0.1, norm="l2")
+
+
+def test_registry_names_objectives_and_norms():
+    assert {"none", "fgsm", "fgsm_rs", "pgd", "cw_inf", "mifgsm"} <= set(ATTACKS.names())
+    assert ATTACKS.get("cw_inf").objective is cw_inf_objective
+    assert ATTACKS.get("cw_inf").fn is pgd and ATTACKS.get("cw_inf").iterative
+    assert all(ATTACKS.get(n).objective is ce_objective for n in ("fgsm", "fgsm_rs", "pgd"))
+    assert ATTACKS.get("pgd").norms == ("linf", "l2")
+    assert not ATTACKS.get("fgsm_rs").iterative and ATTACKS.get("mifgsm").iterative
+
+
+def _ce_grad(model, x, y):
+    """Hand gradient of the summed CE of the bias-free linear model (logits = x @ w):
+    (softmax(x @ w) - onehot(y)) @ w^T, no autograd."""
+    w = model[1].weight.detach().T
+    p = torch.softmax(x.flatten(1) @ w, dim=1)
+    return ((p - F.one_hot(y, 10).float()) @ w.T).view_as(x)
+
+
+def _clip_linf(x_adv, x, eps):
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps every input it is called on: the attack's iterates."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("step_size", [None, 0.05])
+def test_fgsm_rs_is_a_uniform_start_then_one_signed_step_of_1_25_eps_projected(step_size):
+    model = _linear()
+    x, y = _batch()
+    eps = 0.1
+    torch.manual_seed(5)
+    start = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    alpha = 1.25 * eps if step_size is None else step_size
+    expected = _clip_linf(start + alpha * _ce_grad(model, start, y).sign(), x, eps)
+    torch.manual_seed(5)
+    got = run_attack("fgsm_rs", model, x, ce_objective(y), eps=eps, steps=10, step_size=step_size)
+    assert torch.allclose(got, expected)
+    assert not torch.allclose(got, run_attack("fgsm", model, x, ce_objective(y), eps=eps))
+
+
+def test_mifgsm_accumulates_l1_normalised_gradients_with_momentum_one():
+    model = _linear()
+    x, y = _batch()
+    eps, steps = 0.1, 2
+    alpha = eps / steps  # the default step
+
+    def normalised(g):
+        return g / g.abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+
+    g1 = normalised(_ce_grad(model, x, y))
+    x1 = _clip_linf(x + alpha * g1.sign(), x, eps)
+    grad1 = _ce_grad(model, x1, y)
+    g2 = g1 + normalised(grad1)
+    x2 = _clip_linf(x1 + alpha * g2.sign(), x, eps)
+    # the momentum must matter in this example, or the test would not see it
+    assert not torch.equal(g2.sign(), grad1.sign())
+
+    rec = Recorder(model)
+    got = mifgsm(rec, x, ce_objective(y), eps=eps, steps=steps)
+    assert torch.equal(rec.seen[0], x)  # no random start
+    assert torch.allclose(rec.seen[1], x1)
+    assert torch.allclose(got, x2)
+
+
+def test_l2_pgd_steps_along_g_over_its_l2_norm_with_the_default_step_and_stays_in_the_ball():
+    model = _linear()
+    x, y = _batch()
+    x = 0.3 + 0.4 * x  # interior: no coordinate is clipped in the first step
+    eps, steps = 1.0, 10
+    rec = Recorder(model)
+    got = pgd(rec, x, ce_objective(y), eps=eps, steps=steps, norm="l2", random_start=False)
+    g = _ce_grad(model, x, y)
+    expected_step = 2.5 * eps / steps * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert torch.allclose(rec.seen[1] - x, expected_step, atol=1e-6)
+    for x_i in [*rec.seen, got]:
+        assert (_distance(x_i, x, "l2") <= eps + 1e-5).all()
+    # ten steps of 0.25 reach the boundary (up to the odd coordinate clipped to [0, 1])
+    assert (_distance(got, x, "l2") > 0.99 * eps).all()
+
+
+def test_run_attack_passes_the_norm_through():
+    model = _linear()
+    x, y = _batch()
+    torch.manual_seed(2)
+    got = run_attack("pgd", model, x, ce_objective(y), eps=0.5, steps=3, norm="l2")
+    torch.manual_seed(2)
+    assert torch.equal(got, pgd(model, x, ce_objective(y), eps=0.5, steps=3, norm="l2"))
+    assert (_distance(got, x, "linf") > 0.5 / 8).any()  # not an L-inf attack of a tiny eps
+
+
+def test_l2_random_start_is_uniform_in_the_ball():
+    torch.manual_seed(0)
+    n, d, eps = 4000, 16, 0.5
+    x = torch.full((n, 1, 4, 4), 0.5)  # no coordinate can leave [0, 1] within radius 0.5
+    delta = (uniform_in_ball(x, eps, "l2") - x).flatten(1)
+    r = delta.norm(dim=1) / eps
+    assert r.max() <= 1 + 1e-6
+    # uniform in volume: P(r <= t) = t^d; a uniform radius would give P(r <= 0.9) = 0.9
+    assert abs((r <= 0.9).float().mean().item() - 0.9**d) < 0.02
+    assert abs((r <= 0.97).float().mean().item() - 0.97**d) < 0.03
+    # and no preferred direction
+    assert (delta / delta.norm(dim=1, keepdim=True)).mean(0).abs().max() < 0.03
+
+
+def test_cw_objective_is_the_clamped_margin_summed_over_the_batch():
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, -1.0], [1.0, 1.0, 4.0]])
+    y = torch.tensor([0, 0, 2])
+    # margins max_{j != y} z_j - z_y: 1 - 2 = -1, 3 - 0 = 3, 1 - 4 = -3
+    assert cw_objective(y)(logits).item() == pytest.approx(-1 + 0 - 3)
+    assert cw_objective(y, kappa=2.0)(logits).item() == pytest.approx(-1 + 2 - 3)
+    assert cw_objective(y, kappa=50.0)(logits).item() == pytest.approx(-1 + 3 - 3)
+    assert cw_inf_objective(y)(logits).item() == pytest.approx(-1)
+    # the robustness codes' cwloss: -clamp(z_y - max_other + kappa, min=0), summed; same up to
+    # the constant kappa per example, hence the same gradient
+    real, other = torch.tensor([2.0, 0.0, 4.0]), torch.tensor([1.0, 3.0, 1.0])
+    cwloss = -(real - other + 50.0).clamp(min=0).sum()
+    assert cw_inf_objective(y)(logits).item() == pytest.approx(cwloss.item() + 3 * 50.0)
+
+
+def test_cw_objective_gradient_stops_past_kappa():
+    logits = torch.tensor([[0.0, 5.0], [0.0, -5.0]], requires_grad=True)
+    cw_objective(torch.tensor([0, 0]), kappa=1.0)(logits).backward()
+    # example 0 is misclassified by 5 > kappa: no gradient; example 1 still pushed
+    assert logits.grad.tolist() == [[0.0, 0.0], [-1.0, 1.0]]
 
 
 def test_pgd_increases_the_loss_it_maximises_more_than_random_noise():
@@ -100,7 +319,8 @@ def test_evaluation_leaves_parameters_buffers_grads_and_mode_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_attack_runs_model_in_eval_mode():
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n != "none"])
+def test_attack_runs_model_in_eval_mode(name):
     seen = []
 
     class Probe(nn.Module):
@@ -110,6 +330,6 @@ def test_attack_runs_model_in_eval_mode():
 
     probe = Probe().train()
     x, y = _batch()
-    run_attack("pgd", probe, x, ce_objective(y), eps=0.1, steps=3)
+    run_attack(name, probe, x, ATTACKS.get(name).objective(y), eps=0.1, steps=3)
     assert seen and not any(seen)
     assert probe.training

@@ -74,6 +74,21 @@ def _problems(data):
             ["'mtard' needs two teachers (clean + robust)", "add teacher_sets.robust"],
         ),
         (
+            {"name": "x", "grid": _grid(train_attack=["fgsm"]), "threat": {"norm": "l2"}},
+            "grid.train_attack",
+            ["'fgsm' has no l2 version", "allowed for l2: none, pgd"],
+        ),
+        (
+            {
+                "name": "x",
+                "grid": _grid(),
+                "threat": {"norm": "l2", "eps": 0.5},
+                "evaluation": {"attacks": ["pgd20", "mifgsm10"]},
+            },
+            "evaluation.attacks[1]",
+            ["'mifgsm' has no l2 version"],
+        ),
+        (
             {"name": "x", "grid": _grid(), "teacher_sets": {"ensemble": {"size": 1}}},
             "teacher_sets.ensemble.size",
             ["greater than or equal to 2"],
