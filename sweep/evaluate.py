@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +78,53 @@ def accuracy(
     return correct / max(len(x), 1)
 
 
+def autoattack_metrics(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Any,
+    *,
+    eps: float,
+    norm: str = "linf",
+    batch_size: int = 256,
+    prefix: str = "test",
+    state_dir: Path | None = None,
+    flags: list[str] | None = None,
+) -> dict[str, float]:
+    """AutoAttack on the first `attack.examples` examples, and PGD-20 on the same ones: AutoAttack
+    finding fewer adversarial examples than PGD-20 means something is wrong (flagged)."""
+    from .autoattack import autoattack_eval
+
+    n = min(attack.examples or len(x), len(x))
+    a_eps = attack.eps if attack.eps is not None else eps
+    a_norm = attack.norm or norm
+    state = state_dir / f"{attack.key}.pt" if state_dir is not None else None
+    with eval_mode(model):
+        result = autoattack_eval(
+            model,
+            x[:n],
+            y[:n],
+            eps=a_eps,
+            norm=a_norm,
+            version=attack.version,
+            batch_size=batch_size,
+            state_file=state,
+        )
+        pgd20 = type(attack).model_validate({"name": "pgd", "steps": 20, "eps": a_eps})
+        pgd_robust = int(robust_mask(model, x[:n], y[:n], pgd20, eps=a_eps, norm=a_norm).sum())
+    if flags is not None:
+        flags.extend(f"{attack.key}: {f}" for f in result.flags)
+        if int(result.robust.sum()) > pgd_robust:
+            flags.append(
+                f"{attack.key}: robust on {int(result.robust.sum())} of {n} examples, more than "
+                f"PGD-20's {pgd_robust}: AutoAttack should never be weaker"
+            )
+    return {
+        f"{prefix}/robust_acc/{attack.key}": result.robust_acc,
+        f"{prefix}/examples/{attack.key}": float(n),
+    }
+
+
 def evaluate_suite(
     model: nn.Module,
     x: torch.Tensor,
@@ -87,10 +135,27 @@ def evaluate_suite(
     norm: str = "linf",
     batch_size: int = 256,
     prefix: str = "test",
+    state_dir: Path | None = None,
+    flags: list[str] | None = None,
 ) -> dict[str, float]:
-    """`{prefix}/clean_acc` and `{prefix}/robust_acc/<attack key>` for each attack."""
+    """`{prefix}/clean_acc` and `{prefix}/robust_acc/<attack key>` for each attack. AutoAttack
+    resumes from `state_dir` when given; its checks' warnings are appended to `flags`."""
     out = {f"{prefix}/clean_acc": accuracy(model, x, y, batch_size=batch_size)}
     for a in attacks:
+        if getattr(a, "is_autoattack", False):
+            out |= autoattack_metrics(
+                model,
+                x,
+                y,
+                a,
+                eps=eps,
+                norm=norm,
+                batch_size=batch_size,
+                prefix=prefix,
+                state_dir=state_dir,
+                flags=flags,
+            )
+            continue
         out[f"{prefix}/robust_acc/{a.key}"] = accuracy(
             model, x, y, attack=a, eps=eps, norm=norm, batch_size=batch_size
         )
@@ -113,6 +178,8 @@ def sanity_warnings(
         if key not in metrics or clean is None:
             continue
         value, a_eps = metrics[key], a.eps if a.eps is not None else eps
+        if getattr(a, "is_autoattack", False):
+            continue  # on its own subset of examples: checked against PGD-20 on that subset
         if value > clean + 1e-9:
             out.append(f"{a.key}: robust accuracy {value:.4f} is above clean {clean:.4f}")
         if a_eps > 0 and 0 < clean < 1 and abs(value - clean) < 1e-12:

@@ -51,8 +51,10 @@ def evaluate_finalists(
     examples: int | None = None,
     device: str = "cpu",
     force: bool = False,
+    state_root: Path | None = None,
 ) -> list[tuple[str, dict[str, float]]]:
-    """Evaluate and log; returns (run id, metrics) for the runs evaluated now."""
+    """Evaluate and log; returns (run id, metrics) for the runs evaluated now. AutoAttack keeps
+    its progress under `state_root/<run id>/` and resumes from it."""
     attacks = attacks or list(spec.evaluation.attacks)
     done: list[tuple[str, dict[str, float]]] = []
     chosen = best_runs(tracker, spec, top)
@@ -68,6 +70,7 @@ def evaluate_finalists(
             start = time.time()
             r = load_run(rid, tracker.uri, device=device, with_teachers=False)
             n = examples or len(r.x_test)
+            flags: list[str] = []
             metrics = evaluate_suite(
                 r.student,
                 r.x_test[:n],
@@ -77,10 +80,12 @@ def evaluate_finalists(
                 norm=spec.threat.norm,
                 batch_size=spec.evaluation.batch_size,
                 prefix=PREFIX,
+                state_dir=state_root / rid if state_root is not None else None,
+                flags=flags,
             )
             step = int(run.data.tags.get("epochs_trained", spec.budget.epochs))
             tracker.log_metrics(rid, metrics, step=step)
-            warnings = sanity_warnings(metrics, attacks, eps=spec.threat.eps, prefix=PREFIX)
+            warnings = flags + sanity_warnings(metrics, attacks, eps=spec.threat.eps, prefix=PREFIX)
             tracker.set_tags(
                 rid,
                 {
@@ -126,5 +131,12 @@ def evaluate_sweep(
     runs = [AttackRun.model_validate(a) for a in attacks] if attacks else None
     device = "cuda" if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
     return evaluate_finalists(
-        tracker, spec, top=top, attacks=runs, examples=examples, device=device, force=force
+        tracker,
+        spec,
+        top=top,
+        attacks=runs,
+        examples=examples,
+        device=device,
+        force=force,
+        state_root=sweep_dir / "autoattack-final",
     )

@@ -30,6 +30,7 @@ from .teacher_defs import (
 )
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+AUTOATTACK = "autoattack"  # evaluation only: Croce & Hein's suite through sweep.autoattack
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
 TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
 # Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
@@ -146,7 +147,8 @@ class TrainAttackSpec(StrictModel):
 
 
 class AttackRun(StrictModel):
-    """One attack of the evaluation suite; `pgd20` is shorthand for {name: pgd, steps: 20}."""
+    """One attack of the evaluation suite; `pgd20` is shorthand for {name: pgd, steps: 20},
+    `autoattack` for AutoAttack standard and `autoattack_apgd` for its APGD-CE + APGD-T subset."""
 
     name: str
     steps: int = Field(10, gt=0)
@@ -154,12 +156,21 @@ class AttackRun(StrictModel):
     restarts: int = Field(1, ge=1, description="robust only if robust under every restart")
     eps: float | None = Field(None, ge=0, description="default: threat.eps")
     norm: Literal["linf", "l2"] | None = Field(None, description="default: threat.norm")
+    version: Literal["standard", "apgd"] = Field("standard", description="autoattack only")
+    examples: int | None = Field(
+        None, gt=0, description="autoattack only: first N examples (it is expensive); null = all"
+    )
     label: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
         if isinstance(v, str):
+            if v in ("autoattack", "autoattack_apgd"):
+                return {
+                    "name": "autoattack",
+                    "version": "apgd" if v.endswith("apgd") else "standard",
+                }
             m = re.fullmatch(r"([a-z_]+?)(\d+)?", v)
             if not m:
                 raise ValueError(f"{v!r} is not an attack name such as 'fgsm' or 'pgd20'")
@@ -172,17 +183,28 @@ class AttackRun(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        allowed = [n for n in ATTACKS.names() if n != "none"]
+        allowed = [n for n in ATTACKS.names() if n != "none"] + [AUTOATTACK]
         if v not in allowed:
-            raise ValueError(f"unknown attack {v!r}; allowed: {', '.join(allowed)}")
+            raise ValueError(f"unknown attack {v!r}; allowed: {', '.join(sorted(allowed))}")
         return v
 
     @property
+    def is_autoattack(self) -> bool:
+        return self.name == AUTOATTACK
+
+    def norms(self) -> tuple[str, ...]:
+        return ("linf", "l2") if self.is_autoattack else ATTACKS.get(self.name).norms
+
+    @property
     def key(self) -> str:
-        """The metric name's last part: `pgd20`, `pgd20_l2`, `pgd20@0.05`, `pgd20_r5`."""
+        """The metric name's last part: `pgd20`, `pgd20_l2`, `pgd20@0.05`, `pgd20_r5`,
+        `autoattack`, `autoattack_apgd`."""
         if self.label:
             return self.label
-        key = self.name + (str(self.steps) if ATTACKS.get(self.name).iterative else "")
+        if self.is_autoattack:
+            key = AUTOATTACK + ("_apgd" if self.version == "apgd" else "")
+        else:
+            key = self.name + (str(self.steps) if ATTACKS.get(self.name).iterative else "")
         key += "_l2" if self.norm == "l2" else ""
         key += f"@{self.eps:g}" if self.eps is not None else ""
         return key + (f"_r{self.restarts}" if self.restarts > 1 else "")
@@ -322,15 +344,20 @@ class SweepSpec(StrictModel):
                     f"grid.train_attack: {a!r} has no {norm} version; allowed for {norm}: "
                     f"{', '.join(n for n, i in ATTACKS.items() if norm in i.norms)}"
                 )
+        if self.evaluation.val_attack.is_autoattack:
+            raise ValueError(
+                "evaluation.val_attack: autoattack is far too slow for a per-epoch check; use "
+                "e.g. pgd10 (autoattack belongs in evaluation.attacks)"
+            )
         runs = [("evaluation.val_attack", self.evaluation.val_attack)] + [
             (f"evaluation.attacks[{i}]", a) for i, a in enumerate(self.evaluation.attacks)
         ]
         for where, a in runs:
             n = a.norm or norm
-            if n not in ATTACKS.get(a.name).norms:
+            if n not in a.norms():
                 raise ValueError(
                     f"{where}: {a.name!r} has no {n} version (it supports "
-                    f"{', '.join(ATTACKS.get(a.name).norms)}); the default suite is "
+                    f"{', '.join(a.norms())}); the default suite is "
                     f"[fgsm, pgd20]: for {n} give e.g. `attacks: [pgd20, pgd50]`"
                 )
 

@@ -130,8 +130,16 @@ def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[
     }
 
 
-def test_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
-    """The full suite on the test split: computed once per finished trial, never tuned on."""
+def test_metrics(
+    spec: SweepSpec,
+    model: nn.Module,
+    data: Splits,
+    *,
+    state_dir: Path | None = None,
+    flags: list[str] | None = None,
+) -> dict[str, float]:
+    """The full suite on the test split: computed once per finished trial, never tuned on.
+    AutoAttack progress is kept in `state_dir` (resumed if interrupted)."""
     n = spec.evaluation.test_examples or len(data.x_test)
     return evaluate_suite(
         model,
@@ -141,6 +149,8 @@ def test_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, f
         eps=spec.threat.eps,
         norm=spec.threat.norm,
         batch_size=spec.evaluation.batch_size,
+        state_dir=state_dir,
+        flags=flags,
     )
 
 
@@ -297,9 +307,13 @@ def finalize(
     tracker = ctx.tracker()
     if tracker.status(run_id) == "FINISHED":
         return {}
-    metrics = test_metrics(ctx.spec, model, data)
+    flags: list[str] = []
+    state_dir = Path(ctx.sweep_dir) / "autoattack" / run_id
+    metrics = test_metrics(ctx.spec, model, data, state_dir=state_dir, flags=flags)
     tracker.log_metrics(run_id, metrics, step=epoch)
-    warnings = sanity_warnings(metrics, ctx.spec.evaluation.attacks, eps=ctx.spec.threat.eps)
+    warnings = flags + sanity_warnings(
+        metrics, ctx.spec.evaluation.attacks, eps=ctx.spec.threat.eps
+    )
     for w in warnings:
         print(f"warning: run {run_id}: {w}", flush=True)
     tracker.set_tags(run_id, {"sanity_warnings": "; ".join(warnings)[:5000] or "none"})

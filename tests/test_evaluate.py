@@ -83,3 +83,41 @@ def test_sanity_warnings_flag_impossible_numbers():
     assert "pgd20@0.1" in w and "pgd20@0.01" in w
     unchanged = {**fine, "test/robust_acc/pgd20": 0.9}
     assert any("changed no prediction" in w for w in sanity_warnings(unchanged, [pgd], eps=0.03))
+
+
+def test_autoattack_in_the_suite_runs_on_its_examples_and_keeps_resumable_state(tmp_path):
+    from conftest import tiny_spec_dict
+    from test_trial import CONFIG
+
+    from sweep.spec import parse_spec
+    from sweep.tracking import Tracker
+    from sweep.trial import SweepContext, run_trial
+
+    evaluation = {
+        "attacks": ["pgd20", {"name": "autoattack", "version": "apgd", "examples": 24}],
+        "val_attack": "pgd5",
+        "val_examples": 100,
+        "test_examples": 100,
+    }
+    spec = parse_spec(tiny_spec_dict(tmp_path, evaluation=evaluation))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri, "aa")
+    ctx = SweepContext(spec, str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, "aa", None)
+    run_trial(ctx, CONFIG, lambda m, s: None)
+    (run,) = ctx.tracker().runs("student")
+    m = run.data.metrics
+    assert m["test/examples/autoattack_apgd"] == 24
+    assert 0 <= m["test/robust_acc/autoattack_apgd"] <= m["test/clean_acc"]
+    assert run.data.tags["sanity_warnings"] == "none"  # AA not weaker than PGD-20, no checks hit
+    state = tmp_path / "sweep" / "autoattack" / run.info.run_id / "autoattack_apgd.pt"
+    assert state.exists()
+
+
+def test_autoattack_is_refused_as_the_per_epoch_validation_attack():
+    import pytest
+
+    from sweep.spec import SpecError, parse_spec
+
+    grid = {"teacher_loss": ["ce"], "method": ["kd"], "train_attack": ["pgd"]}
+    with pytest.raises(SpecError, match="evaluation.val_attack: autoattack is far too slow"):
+        parse_spec({"name": "x", "grid": grid, "evaluation": {"val_attack": "autoattack"}})
