@@ -9,7 +9,6 @@ A run already evaluated is skipped, so an interrupted `sweep evaluate` resumes w
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import torch
 
 from .api import load_run
 from .evaluate import evaluate_suite, sanity_warnings
-from .spec import AttackRun, SweepSpec, parse_spec
+from .spec import AttackRun, SweepSpec
+from .status import open_sweep
 from .tracking import Tracker
 
 PREFIX = "final"
@@ -117,16 +117,7 @@ def evaluate_sweep(
     force: bool = False,
 ) -> list[tuple[str, dict[str, float]]]:
     """The CLI's entry point: find the sweep's spec and MLflow store from its folder."""
-    sweep_dir = Path(storage).expanduser().resolve() / name
-    state_file = sweep_dir / "state.json"
-    if not state_file.exists():
-        raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} (give --storage)")
-    state = json.loads(state_file.read_text())
-    import yaml
-
-    spec = parse_spec(
-        yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), str(sweep_dir / "sweep.yaml")
-    )
+    sweep_dir, state, spec = open_sweep(name, storage)
     tracker = Tracker(state["mlflow_tracking_uri"], state["experiment"])
     runs = [AttackRun.model_validate(a) for a in attacks] if attacks else None
     device = "cuda" if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"

@@ -11,10 +11,11 @@ from pathlib import Path
 import optuna
 import yaml
 
-from .spec import parse_spec
+from .spec import SweepSpec, parse_spec
 
 
-def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
+def open_sweep(name: str, storage: str | Path = "./sweeps") -> tuple[Path, dict, SweepSpec]:
+    """A started sweep's folder, its state.json (MLflow, Optuna) and its resolved spec."""
     sweep_dir = Path(storage).expanduser().resolve() / name
     state_file = sweep_dir / "state.json"
     if not state_file.exists():
@@ -23,6 +24,11 @@ def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
     spec = parse_spec(
         yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), str(sweep_dir / "sweep.yaml")
     )
+    return sweep_dir, state, spec
+
+
+def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
+    _, state, spec = open_sweep(name, storage)
     storage_obj = optuna.storages.RDBStorage(state["optuna"])
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage_obj)}
     S = optuna.trial.TrialState
