@@ -105,6 +105,28 @@ def test_trials_starting_together_trained_each_teacher_exactly_once(tiny_sweep):
     assert events == [["trained"], ["trained"]]
 
 
+def test_no_test_set_metric_reaches_tune_asha_or_optuna(tiny_sweep):
+    """Every result Tune passed to the scheduler and the searcher is in the trials' result.json;
+    none may carry a test-split number (DESIGN §3.3), though the runs' MLflow records do."""
+    tmp_path, _, _ = tiny_sweep
+    seen: set[str] = set()
+    for d in (tmp_path / "sweeps" / "tiny" / "tune").glob("trainable*"):
+        for line in (d / "result.json").read_text().splitlines():
+            seen |= set(json.loads(line))
+    assert "val/robust_acc" in seen and "epoch" in seen
+    assert not [k for k in seen if k.startswith(("test/", "final/"))]
+    state = json.loads((tmp_path / "sweeps" / "tiny" / "state.json").read_text())
+    storage = optuna.storages.RDBStorage(state["optuna"])
+    for summary in optuna.get_all_study_summaries(storage):
+        for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials:
+            assert not [k for k in t.user_attrs if "test" in k]
+            assert set(t.intermediate_values) <= {1, 2}  # epochs of the val objective
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'student'", max_results=1)
+    assert "test/clean_acc" in runs[0].data.metrics  # the test numbers exist, just not upstream
+
+
 def test_each_cell_has_its_own_optuna_study_filled_to_budget(tiny_sweep):
     tmp_path, _, _ = tiny_sweep
     state = json.loads((tmp_path / "sweeps" / "tiny" / "state.json").read_text())
