@@ -24,7 +24,7 @@ from torch import nn
 from .spec import Cell, SweepSpec, parse_spec
 from .teachers import TeacherCache, teacher_hash
 from .tracking import Tracker
-from .trial import get_splits, new_model, teacher_identity
+from .trial import frozen, get_splits, new_model, teacher_identity
 
 
 @dataclass
@@ -38,13 +38,6 @@ class LoadedRun:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-
-
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def load_run(
@@ -78,7 +71,7 @@ def load_run(
     return LoadedRun(
         run_id=run_id,
         spec=spec,
-        student=_frozen(student),
+        student=frozen(student),
         x_test=data.x_test,
         y_test=data.y_test,
         teachers=teachers,
@@ -104,7 +97,7 @@ def _load_teachers(
             raise FileNotFoundError(f"no teacher run with hash {h} ({t.label}) in this experiment")
         model = new_model(t.arch, data, device)
         TeacherCache(locations[h].rsplit("/", 1)[0]).load(h, model)
-        out.append(_frozen(model))
+        out.append(frozen(model))
     return out
 
 

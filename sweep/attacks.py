@@ -43,6 +43,16 @@ def ce_objective(y: torch.Tensor) -> Objective:
     return lambda logits: F.cross_entropy(logits, y, reduction="sum")
 
 
+def kl_objective(target_logits: torch.Tensor) -> Objective:
+    """objective(logits) = sum_i KL(softmax(target_i) || softmax(logits_i)), the target detached:
+    the inner maximisation of TRADES-style methods (and RSLAD's, with the teacher as target).
+    Summed over the batch, as `ce_objective`."""
+    log_p = F.log_softmax(target_logits.detach(), dim=1)
+    return lambda logits: F.kl_div(
+        F.log_softmax(logits, dim=1), log_p, reduction="sum", log_target=True
+    )
+
+
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per example, max_{j != y} z_j - z_y: positive exactly when the example is misclassified."""
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -155,10 +165,6 @@ _PROJECT: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]]
     "l2": project_l2,
 }
 
-# the private names predate the public ones; kept so nothing that used them breaks
-_input_grad = input_grad
-_project = project
-
 
 def check_norm(attack: str, norm: str, allowed: tuple[str, ...]) -> None:
     """Fail loudly: an L2 budget silently run as L-inf would report the wrong threat model."""
@@ -229,19 +235,24 @@ def pgd(
     step_size: float | None = None,
     norm: str = "linf",
     random_start: bool = True,
+    start: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Madry et al. 2018: projected steepest ascent from a uniform random start in the ball.
 
     L-inf steps along sign(g), L2 steps along g / ||g||_2 (per example); each iterate is projected
     onto the ball and [0, 1]. The default step size 2.5 * eps / steps is Madry et al.'s rule,
-    for both norms: enough to reach the ball's boundary from anywhere inside it.
+    for both norms: enough to reach the ball's boundary from anywhere inside it. `start` replaces
+    the random start (TRADES starts at x + 0.001 * N(0, 1)).
     """
     check_norm("pgd", norm, NORMS)
     alpha = step_size if step_size is not None else 2.5 * eps / steps
     proj = _PROJECT[norm]
     x = x.detach()
-    x_adv = uniform_in_ball(x, eps, norm) if random_start else x.clone()
+    if start is not None:
+        x_adv = start.detach()
+    else:
+        x_adv = uniform_in_ball(x, eps, norm) if random_start else x.clone()
     with eval_mode(model):
         for _ in range(steps):
             grad = input_grad(model, x_adv, objective)

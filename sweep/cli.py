@@ -31,6 +31,7 @@ def _load(path: str, name: str | None = None) -> Any:
 def plan(spec: Any) -> str:
     """What `sweep validate` prints: cells, trials, epochs, spaces."""
     from .space import describe
+    from .teacher_defs import fmt_value
 
     cells = spec.cells()
     total = len(cells) * spec.budget.trials_per_cell
@@ -47,7 +48,7 @@ def plan(spec: Any) -> str:
     if teachers:
         lines.append(f"teachers ({len(teachers)}, each trained once and cached by content):")
         for t in teachers:
-            params = ", ".join(f"{k}={_num(v)}" for k, v in t.params) or "-"
+            params = ", ".join(f"{k}={fmt_value(v)}" for k, v in t.params) or "-"
             lines.append(
                 f"  {t.label:<28} {t.loss} ({params}) {t.arch}, {t.epochs} epochs, seed {t.seed}"
             )
@@ -130,13 +131,9 @@ def registry_listing() -> dict[str, Any]:
     }
 
 
-def _num(v: Any) -> str:
-    if v is None:
-        return "-"
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
 def cmd_list(args: argparse.Namespace) -> int:
+    from .teacher_defs import fmt_value
+
     listing = registry_listing()
     if args.json:
         print(json.dumps(listing, indent=2))
@@ -151,8 +148,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             if kind == "teacher_losses":
                 for pname, p in info["params"].items():
                     close = ")" if p["high_open"] else "]"
-                    bounds = f"[{_num(p['low'])}, {_num(p['high'])}{close}"
-                    default = "threat.eps" if pname == "eps" else _num(p["default"])
+                    bounds = f"[{fmt_value(p['low'])}, {fmt_value(p['high'])}{close}"
+                    default = "threat.eps" if pname == "eps" else fmt_value(p["default"])
                     print(f"  {'':<16} {pname + '=' + default:<22} {bounds:<10} {p['doc']}")
                 if info.get("adversarial"):
                     print(f"  {'':<16} (adversarial training)")

@@ -20,3 +20,12 @@ def soft_kl(
         reduction="batchmean",
         log_target=True,
     )
+
+
+def trades_loss(
+    clean_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x')), batchmean, with the
+    gradient through both p(x) and p(x') as in the authors' code. Shared by the `trades` teacher
+    loss and the `trades` / `cap` student methods."""
+    return F.cross_entropy(clean_logits, y) + beta * soft_kl(adv_logits, clean_logits)

@@ -62,7 +62,10 @@ def check_params(loss: str, params: dict[str, Any], *, lists: bool = False) -> N
                 raise ValueError(f"params.{key}: {problem}")
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
+    """A parameter value as labels, plans and `sweep list` show it: 0.05, 10, - for None."""
+    if v is None:
+        return "-"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -80,10 +83,6 @@ class TeacherDef:
 
     def params_dict(self) -> dict[str, Any]:
         return dict(self.params)
-
-    @property
-    def adversarial(self) -> bool:
-        return TEACHER_LOSSES.get(self.loss).adversarial
 
 
 class TeacherEntry(StrictModel):
@@ -119,7 +118,7 @@ class TeacherEntry(StrictModel):
         for combo in itertools.product(*choices):
             given = dict(zip(keys, combo, strict=True))
             label = self.label or (
-                self.name + ("(" + ",".join(f"{k}={_fmt(v)}" for k, v in given.items()) + ")")
+                self.name + ("(" + ",".join(f"{k}={fmt_value(v)}" for k, v in given.items()) + ")")
                 if given
                 else self.name
             )
@@ -228,7 +227,7 @@ def apply_override(
         given = base.params_dict() | o.params
     seed = base.seed + (o.seed or 0) if seed_offset else (base.seed if o.seed is None else o.seed)
     parts = [loss if loss != base.loss else base.label]
-    parts += [f"{k}={_fmt(v)}" for k, v in o.params.items()]
+    parts += [f"{k}={fmt_value(v)}" for k, v in o.params.items()]
     if o.arch and o.arch != base.arch:
         parts.append(o.arch)
     if seed != base.seed:

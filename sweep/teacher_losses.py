@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import ce_objective, eval_mode, input_grad, pgd, project
+from .attacks import ce_objective, eval_mode, kl_objective, pgd
 from .cmi import class_centroids
-from .losses import soft_kl
+from .losses import trades_loss
 from .registry import Registry
 
 # The bounds of a LossParam are inclusive; this is the largest float below 1, so that
@@ -336,29 +336,20 @@ class TRADES(_Adversarial):
 
     def perturb(self, model, x, y) -> torch.Tensor:
         x = x.detach()
-        with eval_mode(model):
-            with torch.no_grad():
-                target = model(x)
-            x_adv = x + 0.001 * torch.randn_like(x)
-            for _ in range(self.steps):
-                grad = input_grad(model, x_adv, lambda logits: _kl_sum(logits, target))
-                x_adv = project(x_adv + self.step_size * grad.sign(), x, self.eps)
-        return x_adv.detach()
+        with eval_mode(model), torch.no_grad():
+            target = model(x)
+        return pgd(
+            model,
+            x,
+            kl_objective(target),
+            eps=self.eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            start=x + 0.001 * torch.randn_like(x),
+        )
 
     def robust_loss(self, model, x, x_adv, y) -> torch.Tensor:
-        logits = model(x)
-        return F.cross_entropy(logits, y) + self.p["beta"] * soft_kl(model(x_adv), logits)
-
-
-def _kl_sum(adv_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """sum over the batch of KL(p(x) || p(x')): a sum, so the per-example gradient does not
-    shrink with the batch size (only its sign is used)."""
-    return F.kl_div(
-        F.log_softmax(adv_logits, dim=1),
-        F.log_softmax(target_logits, dim=1),
-        reduction="sum",
-        log_target=True,
-    )
+        return trades_loss(model(x), model(x_adv), y, self.p["beta"])
 
 
 TEACHER_LOSSES: Registry[type[TeacherLoss]] = Registry("teacher loss")

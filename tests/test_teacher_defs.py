@@ -6,6 +6,7 @@ import pytest
 
 from sweep.spec import Cell, parse_spec
 from sweep.teacher_defs import MissingTeacher, TeacherSetsSpec, teacher_set
+from sweep.teacher_losses import TEACHER_LOSSES
 from sweep.teachers import teacher_hash
 from sweep.trial import teacher_identity
 
@@ -76,7 +77,7 @@ def test_adversarial_teacher_eps_follows_the_threat_unless_given():
     spec = _spec([{"name": "pgd_at"}, {"name": "pgd_at", "params": {"eps": 0.2}}])
     eps = [t.params_dict()["eps"] for t in spec.teacher_variants().values()]
     assert eps == [0.1, 0.2]
-    assert all(t.adversarial for t in spec.teacher_variants().values())
+    assert all(TEACHER_LOSSES.get(t.loss).adversarial for t in spec.teacher_variants().values())
 
 
 def test_clean_plus_robust_set_is_the_cell_teacher_and_the_robust_one():

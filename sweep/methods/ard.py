@@ -11,6 +11,20 @@ from ..losses import soft_kl
 from .base import ALPHA, TEMPERATURE, Method, teacher_logits
 
 
+def ard_loss(
+    s_adv: torch.Tensor,
+    t_clean: torch.Tensor,
+    s_clean: torch.Tensor,
+    y: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """alpha * T^2 * KL(T(x)/T || S(x')/T) + (1 - alpha) * CE(S(x), y), from the logits (IAD
+    builds on it)."""
+    kl = soft_kl(s_adv, t_clean, temperature)
+    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s_clean, y)
+
+
 class ARD(Method):
     name = "ard"
     summary = "ARD: alpha*T^2*KL(T(x)||S(x')) + (1-alpha)*CE(S(x), y)"
@@ -19,6 +33,6 @@ class ARD(Method):
     space = {"temperature": TEMPERATURE, "alpha": ALPHA}
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
-        t, a = self.hp["temperature"], self.hp["alpha"]
-        kl = soft_kl(student(x_adv), teacher_logits(teachers[0], x), t)
-        return a * t * t * kl + (1 - a) * F.cross_entropy(student(x), y)
+        t_clean = teacher_logits(teachers[0], x)
+        hp = self.hp
+        return ard_loss(student(x_adv), t_clean, student(x), y, hp["temperature"], hp["alpha"])

@@ -32,21 +32,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..attacks import Objective, eval_mode
-from ..losses import soft_kl
+from ..losses import soft_kl, trades_loss
 from ..space import FloatParam
-from .base import Method
-
-
-def kl_from_center(center_logits: torch.Tensor) -> Objective:
-    """objective(logits) = sum over the batch of KL(softmax(center) || softmax(logits)): a sum,
-    so the per-example gradient does not shrink with the batch size."""
-    center = F.log_softmax(center_logits.detach(), dim=1)
-    return lambda logits: F.kl_div(
-        F.log_softmax(logits, dim=1), center, reduction="sum", log_target=True
-    )
+from .trades import TRADES
 
 
 def ball_samples(x: torch.Tensor, x_adv: torch.Tensor, n: int) -> torch.Tensor:
@@ -58,30 +47,24 @@ def ball_samples(x: torch.Tensor, x_adv: torch.Tensor, n: int) -> torch.Tensor:
     return (x.unsqueeze(0) + radius * u).clamp(0.0, 1.0)
 
 
-class CAP(Method):
+class CAP(TRADES):
+    """TRADES's inner maximisation and loss, plus the gamma term over random points."""
+
     name = "cap"
     summary = (
         "CAP (our reading): CE(S(x)) + beta*KL(S(x)||S(x')) + gamma*mean_k KL(S(x)||S(x_k)), "
         "x' maximising the KL, x_k uniform in the ball"
     )
-    teacher_set = "none"
-    needs_attack = True
-    inner_max = "KL(S(x) || S(x')), S(x) fixed (TRADES)"
     n_samples: ClassVar[int] = 2  # random particles per example (a constant, not searched)
     space = {"beta": FloatParam(low=1.0, high=10.0), "gamma": FloatParam(low=0.0, high=5.0)}
-
-    def inner_objective(self, student, teachers, x, y) -> Objective:
-        with eval_mode(student), torch.no_grad():
-            center = student(x)
-        return kl_from_center(center)
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         beta, gamma = self.hp["beta"], self.hp["gamma"]
         logits = student(x)
-        loss = F.cross_entropy(logits, y) + beta * soft_kl(student(x_adv), logits)
+        loss = trades_loss(logits, student(x_adv), y, beta)
         if gamma > 0 and self.n_samples > 0:
-            pts = ball_samples(x, x_adv, self.n_samples)
-            out = student(pts.flatten(0, 1)).view(self.n_samples, len(x), -1)
-            spread = torch.stack([soft_kl(o, logits) for o in out]).mean()
+            pts = ball_samples(x, x_adv, self.n_samples).flatten(0, 1)
+            # batchmean over the n*N points = the mean over k of each point set's batchmean KL
+            spread = soft_kl(student(pts), logits.repeat(self.n_samples, 1))
             loss = loss + gamma * spread
         return loss

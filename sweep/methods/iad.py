@@ -42,8 +42,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..losses import soft_kl
 from ..space import FloatParam, LogFloatParam
+from .ard import ard_loss
 from .base import TEMPERATURE, Method, teacher_logits
 
 
@@ -78,8 +78,7 @@ class IAD(Method):
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         t, a = self.hp["temperature"], self.hp["alpha"]
         s_clean, s_adv = student(x), student(x_adv)
-        distill = soft_kl(s_adv, teacher_logits(teachers[0], x), t)
-        loss = a * t * t * distill + (1 - a) * F.cross_entropy(s_clean, y)
+        loss = ard_loss(s_adv, teacher_logits(teachers[0], x), s_clean, y, t, a)
         if not self.introspect:
             return loss  # warm-up: ARD
         gamma = teacher_trust(teacher_logits(teachers[0], x_adv), y, self.hp["beta"])

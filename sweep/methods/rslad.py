@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 
-from ..attacks import Objective
+from ..attacks import Objective, kl_objective
 from ..losses import soft_kl
 from ..space import FloatParam
 from .base import Method, teacher_logits
-from .trades import kl_to_fixed
 
 
 class RSLAD(Method):
@@ -60,7 +59,7 @@ class RSLAD(Method):
         return logits
 
     def inner_objective(self, student, teachers, x, y) -> Objective:
-        return kl_to_fixed(self._teacher_clean(teachers[0], x))
+        return kl_objective(self._teacher_clean(teachers[0], x))
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         w = self.hp["adv_weight"]

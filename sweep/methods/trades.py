@@ -20,23 +20,11 @@ x' = x and the method reduces to clean training: use pgd, or an attack with a ra
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..attacks import Objective, eval_mode
-from ..losses import soft_kl
+from ..attacks import Objective, eval_mode, kl_objective
+from ..losses import trades_loss
 from ..space import FloatParam
 from .base import Method
-
-
-def kl_to_fixed(target_logits: torch.Tensor) -> Objective:
-    """objective(logits) = sum_i KL(softmax(target_i) || softmax(logits_i)), target detached.
-
-    Sum (not mean) over the batch, as `ce_objective`, so a per-example gradient does not shrink
-    with the batch size."""
-    log_p = F.log_softmax(target_logits.detach(), dim=1)
-    return lambda logits: F.kl_div(
-        F.log_softmax(logits, dim=1), log_p, reduction="sum", log_target=True
-    )
 
 
 class TRADES(Method):
@@ -50,10 +38,7 @@ class TRADES(Method):
     def inner_objective(self, student, teachers, x, y) -> Objective:
         with torch.no_grad(), eval_mode(student):
             clean = student(x)
-        return kl_to_fixed(clean)
+        return kl_objective(clean)
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
-        s_clean = student(x)
-        # soft_kl(student, target) = KL(target || student): here KL(S(x) || S(x')), batchmean
-        robust = soft_kl(student(x_adv), s_clean)
-        return F.cross_entropy(s_clean, y) + self.hp["beta"] * robust
+        return trades_loss(student(x), student(x_adv), y, self.hp["beta"])
