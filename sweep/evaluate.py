@@ -31,13 +31,15 @@ def robust_mask(
     *,
     eps: float,
     norm: str = "linf",
+    clean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per example: correct on the clean input and on every restart's adversarial example.
-    Later restarts attack only the examples still standing."""
+    Later restarts attack only the examples still standing. `clean`: the clean-correct mask,
+    when the caller already has it (saves a forward pass)."""
     make_objective = ATTACKS.get(attack.name).objective
     eps = attack.eps if attack.eps is not None else eps
     norm = attack.norm or norm
-    ok = _correct(model, x, y)
+    ok = clean.clone() if clean is not None else _correct(model, x, y)
     for _ in range(attack.restarts):
         idx = ok.nonzero().squeeze(1)
         if len(idx) == 0:
@@ -65,17 +67,34 @@ def accuracy(
     eps: float = 0.0,
     norm: str = "linf",
     batch_size: int = 256,
+    clean: torch.Tensor | None = None,
 ) -> float:
-    """Accuracy on (x, y); robust accuracy under `attack` (an AttackRun) when given."""
+    """Accuracy on (x, y); robust accuracy under `attack` (an AttackRun) when given. `clean`:
+    the clean-correct mask of (x, y) if already known (see `clean_mask`)."""
     correct = 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            cb = clean[i : i + batch_size] if clean is not None else None
             if attack is None:
-                correct += int(_correct(model, xb, yb).sum())
+                correct += int((cb if cb is not None else _correct(model, xb, yb)).sum())
             else:
-                correct += int(robust_mask(model, xb, yb, attack, eps=eps, norm=norm).sum())
+                mask = robust_mask(model, xb, yb, attack, eps=eps, norm=norm, clean=cb)
+                correct += int(mask.sum())
     return correct / max(len(x), 1)
+
+
+def clean_mask(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Per example: classified correctly without attack (in eval mode)."""
+    with eval_mode(model):
+        return torch.cat(
+            [
+                _correct(model, x[i : i + batch_size], y[i : i + batch_size])
+                for i in range(0, len(x), batch_size)
+            ]
+        )
 
 
 def autoattack_metrics(
@@ -111,7 +130,9 @@ def autoattack_metrics(
             state_file=state,
         )
         pgd20 = type(attack).model_validate({"name": "pgd", "steps": 20, "eps": a_eps})
-        pgd_robust = int(robust_mask(model, x[:n], y[:n], pgd20, eps=a_eps, norm=a_norm).sum())
+        clean = result.clean_correct.to(y.device)
+        pgd = robust_mask(model, x[:n], y[:n], pgd20, eps=a_eps, norm=a_norm, clean=clean)
+        pgd_robust = int(pgd.sum())
     if flags is not None:
         flags.extend(f"{attack.key}: {f}" for f in result.flags)
         if int(result.robust.sum()) > pgd_robust:
@@ -140,7 +161,8 @@ def evaluate_suite(
 ) -> dict[str, float]:
     """`{prefix}/clean_acc` and `{prefix}/robust_acc/<attack key>` for each attack. AutoAttack
     resumes from `state_dir` when given; its checks' warnings are appended to `flags`."""
-    out = {f"{prefix}/clean_acc": accuracy(model, x, y, batch_size=batch_size)}
+    clean = clean_mask(model, x, y, batch_size)
+    out = {f"{prefix}/clean_acc": int(clean.sum()) / max(len(x), 1)}  # as `accuracy` counts
     for a in attacks:
         if getattr(a, "is_autoattack", False):
             out |= autoattack_metrics(
@@ -157,7 +179,7 @@ def evaluate_suite(
             )
             continue
         out[f"{prefix}/robust_acc/{a.key}"] = accuracy(
-            model, x, y, attack=a, eps=eps, norm=norm, batch_size=batch_size
+            model, x, y, attack=a, eps=eps, norm=norm, batch_size=batch_size, clean=clean
         )
     return out
 

@@ -27,11 +27,12 @@ PREFIX = "final"
 def best_runs(tracker: Tracker, spec: SweepSpec, top: int) -> dict[str, list[Any]]:
     """Per cell, the `top` finished student runs by the sweep's first objective."""
     obj = spec.objectives[0]
+    students = tracker.runs("student")
     out: dict[str, list[Any]] = {}
     for cell in spec.cells():
         runs = [
             r
-            for r in tracker.runs("student")
+            for r in students
             if r.data.tags.get("cell") == cell.key
             and r.data.tags.get("sweep") == spec.name
             and r.info.status == "FINISHED"

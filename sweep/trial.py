@@ -115,8 +115,9 @@ def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[
             [model(x[i : i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)]
         )
         val_loss = torch.nn.functional.cross_entropy(logits, y).item()
+    clean = logits.argmax(1) == y
     return {
-        "val/clean_acc": float((logits.argmax(1) == y).float().mean()),
+        "val/clean_acc": int(clean.sum()) / max(len(y), 1),  # as `accuracy` counts
         "val/robust_acc": accuracy(
             model,
             x,
@@ -125,6 +126,7 @@ def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[
             eps=spec.threat.eps,
             norm=spec.threat.norm,
             batch_size=ev.batch_size,
+            clean=clean,
         ),
         "val/loss": val_loss,
     }
@@ -234,10 +236,15 @@ def get_teacher(
     record = TeacherCache(ctx.teacher_dir).get_or_train(
         identity, model, lambda m: train_teacher(spec, t, m, data), on_ready
     )
+    return frozen(model), record
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """Eval mode, no parameter requires grad: how teachers are used and runs are analysed."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, record
+    return model
 
 
 def get_teachers(

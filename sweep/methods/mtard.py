@@ -96,7 +96,7 @@ class MTARD(Method):
         clean, robust = teachers
         kl_nat = t * t * soft_kl(student(x), teacher_logits(clean, x), t)
         kl_adv = t * t * soft_kl(student(x_adv), teacher_logits(robust, x_adv), t)
-        self.update_weights(kl_nat.item(), kl_adv.item())
+        self.update_weights(*torch.stack([kl_nat, kl_adv]).detach().tolist())  # one sync, not two
         return self.w_nat * kl_nat + self.w_adv * kl_adv
 
     def state_dict(self) -> dict[str, Any]:
