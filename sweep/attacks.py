@@ -117,6 +117,33 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def attack_view(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` in eval mode with each convolution's batch norm folded into it,
+    for computing attack gradients during evaluation.
+
+    Why: in eval mode a batch norm is a fixed affine map, so conv + BN is one convolution with
+    rescaled weights: the same function (logits agree to ~1e-6) with a fifth fewer kernels to run
+    forward and backward. On 2 CPU cores this makes PGD on ResNet-18 about 1.5x faster
+    (bench/pgd_throughput.py). The copy's parameters do not require grad, so autograd tracks the
+    input only. Callers judge correctness with the real model; the view only steers the attack.
+    Pre-activation nets (BN before its conv) keep those BNs; a model torch.fx cannot trace is
+    returned as a frozen copy, unfolded. `model` itself is not changed.
+    """
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    with eval_mode(model):
+        try:
+            view = fuse(model, inplace=False)
+        except Exception:  # not symbolically traceable: attack an unfolded copy
+            view = copy.deepcopy(model)
+    view.eval()
+    for p in view.parameters():
+        p.requires_grad_(False)
+    return view
+
+
 def input_grad(model: nn.Module, x: torch.Tensor, objective: Objective) -> torch.Tensor:
     """d objective(model(x)) / dx, taken w.r.t. the input only (no parameter's .grad is touched).
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks import ATTACKS, eval_mode, run_attack
+from .attacks import ATTACKS, attack_view, eval_mode, run_attack
 
 
 @torch.no_grad()
@@ -32,10 +32,13 @@ def robust_mask(
     eps: float,
     norm: str = "linf",
     clean: torch.Tensor | None = None,
+    surrogate: nn.Module | None = None,
 ) -> torch.Tensor:
     """Per example: correct on the clean input and on every restart's adversarial example.
     Later restarts attack only the examples still standing. `clean`: the clean-correct mask,
-    when the caller already has it (saves a forward pass)."""
+    when the caller already has it (saves a forward pass). `surrogate`: the model whose input
+    gradients drive the attack, the same function as `model` (see `attack_view`); the verdict
+    is always `model`'s."""
     make_objective = ATTACKS.get(attack.name).objective
     eps = attack.eps if attack.eps is not None else eps
     norm = attack.norm or norm
@@ -46,7 +49,7 @@ def robust_mask(
             break
         x_adv = run_attack(
             attack.name,
-            model,
+            surrogate if surrogate is not None else model,
             x[idx],
             make_objective(y[idx]),
             eps=eps,
@@ -68,10 +71,14 @@ def accuracy(
     norm: str = "linf",
     batch_size: int = 256,
     clean: torch.Tensor | None = None,
+    surrogate: nn.Module | None = None,
 ) -> float:
     """Accuracy on (x, y); robust accuracy under `attack` (an AttackRun) when given. `clean`:
-    the clean-correct mask of (x, y) if already known (see `clean_mask`)."""
+    the clean-correct mask of (x, y) if already known (see `clean_mask`). The attack's
+    gradients come from `surrogate`, by default `attack_view(model)`, made once here."""
     correct = 0
+    if attack is not None and surrogate is None:
+        surrogate = attack_view(model)
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
@@ -79,7 +86,9 @@ def accuracy(
             if attack is None:
                 correct += int((cb if cb is not None else _correct(model, xb, yb)).sum())
             else:
-                mask = robust_mask(model, xb, yb, attack, eps=eps, norm=norm, clean=cb)
+                mask = robust_mask(
+                    model, xb, yb, attack, eps=eps, norm=norm, clean=cb, surrogate=surrogate
+                )
                 correct += int(mask.sum())
     return correct / max(len(x), 1)
 
@@ -131,7 +140,16 @@ def autoattack_metrics(
         )
         pgd20 = type(attack).model_validate({"name": "pgd", "steps": 20, "eps": a_eps})
         clean = result.clean_correct.to(y.device)
-        pgd = robust_mask(model, x[:n], y[:n], pgd20, eps=a_eps, norm=a_norm, clean=clean)
+        pgd = robust_mask(
+            model,
+            x[:n],
+            y[:n],
+            pgd20,
+            eps=a_eps,
+            norm=a_norm,
+            clean=clean,
+            surrogate=attack_view(model),
+        )
         pgd_robust = int(pgd.sum())
     if flags is not None:
         flags.extend(f"{attack.key}: {f}" for f in result.flags)
@@ -163,6 +181,8 @@ def evaluate_suite(
     resumes from `state_dir` when given; its checks' warnings are appended to `flags`."""
     clean = clean_mask(model, x, y, batch_size)
     out = {f"{prefix}/clean_acc": int(clean.sum()) / max(len(x), 1)}  # as `accuracy` counts
+    plain = [a for a in attacks if not getattr(a, "is_autoattack", False)]
+    surrogate = attack_view(model) if plain else None  # folded once for every attack below
     for a in attacks:
         if getattr(a, "is_autoattack", False):
             out |= autoattack_metrics(
@@ -179,7 +199,15 @@ def evaluate_suite(
             )
             continue
         out[f"{prefix}/robust_acc/{a.key}"] = accuracy(
-            model, x, y, attack=a, eps=eps, norm=norm, batch_size=batch_size, clean=clean
+            model,
+            x,
+            y,
+            attack=a,
+            eps=eps,
+            norm=norm,
+            batch_size=batch_size,
+            clean=clean,
+            surrogate=surrogate,
         )
     return out
 

@@ -11,10 +11,13 @@ from torch import nn
 
 from sweep.attacks import (
     ATTACKS,
+    attack_view,
     ce_objective,
     cw_inf_objective,
     cw_objective,
+    eval_mode,
     fgsm,
+    input_grad,
     mifgsm,
     pgd,
     run_attack,
@@ -333,3 +336,74 @@ def test_attack_runs_model_in_eval_mode(name):
     run_attack(name, probe, x, ATTACKS.get(name).objective(y), eps=0.1, steps=3)
     assert seen and not any(seen)
     assert probe.training
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "preact_resnet18"])
+def test_attack_view_is_the_same_function_with_batch_norms_folded_and_frozen(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, in_channels=3, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with torch.no_grad():  # non-trivial batch-norm statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    view = attack_view(model)
+    x = torch.rand(4, 3, 32, 32)
+    y = torch.arange(4)
+    with eval_mode(model), torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(view(x), expected, rtol=1e-4, atol=1e-5)
+    with eval_mode(model):
+        g_model = input_grad(model, x, ce_objective(y))
+    torch.testing.assert_close(input_grad(view, x, ce_objective(y)), g_model, rtol=1e-3, atol=1e-6)
+    bns = lambda m: sum(isinstance(b, nn.BatchNorm2d) for b in m.modules())  # noqa: E731
+    if arch != "preact_resnet18":  # conv -> BN everywhere: every BN folded
+        assert bns(view) == 0 < bns(model)
+    else:  # BN -> ReLU -> conv keeps most BNs, folds the ones right after a conv
+        assert 0 < bns(view) < bns(model)
+    assert not any(p.requires_grad for p in view.parameters())
+    assert not view.training
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_attack_view_of_an_untraceable_model_is_a_frozen_unfolded_copy():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 10, 8), nn.BatchNorm2d(10)
+
+        def forward(self, x):
+            if x.sum() > 0:  # Python control flow on a tensor: torch.fx cannot trace this
+                x = x * 1.0
+            return self.bn(self.conv(x)).flatten(1)
+
+    model = DataDependent()
+    view = attack_view(model)
+    x = torch.rand(2, 1, 8, 8)
+    assert view is not model and isinstance(view.bn, nn.BatchNorm2d)
+    with eval_mode(model), torch.no_grad():
+        torch.testing.assert_close(view(x), model(x))
+    assert not any(p.requires_grad for p in view.parameters())
+
+
+def test_robust_accuracy_verdict_is_the_real_models_not_the_surrogates():
+    """The surrogate only steers the attack: an example counts as robust by what `model` says.
+    A surrogate whose gradient is zero leaves the inputs at their random start, so the robust
+    accuracy is the real model's accuracy on those points, not the surrogate's."""
+    model = _model().eval()
+    x, y = _batch(64)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every example clean-correct
+
+    class WrongConstant(nn.Module):  # predicts class (y + 1) mod 10, no input gradient
+        def forward(self, inp):
+            return F.one_hot((y + 1) % 10, 10).float() + 0 * inp.flatten(1)[:, :1]
+
+    attack = AttackRun.model_validate({"name": "pgd", "steps": 3})
+    acc = accuracy(model, x, y, attack=attack, eps=0.05, surrogate=WrongConstant())
+    assert acc > 0.5  # the constant surrogate would have said 0.0
