@@ -13,22 +13,21 @@ never unpickled. Teacher losses themselves live in teacher_losses.py.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 from torch import nn
+
+from .store import Store, locked
 
 log = logging.getLogger(__name__)
 
@@ -61,65 +60,12 @@ class TeacherRecord:
         return self.event != "cached"
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class _Store:
-    """Whole-file reads and atomic whole-file writes on a local path or a pyarrow URI."""
-
-    def __init__(self, root: str) -> None:
-        root = str(root)
-        self.remote = "://" in root and not root.startswith("file://")
-        if not self.remote:
-            root = str(Path(root.removeprefix("file://")).expanduser().resolve())
-        self.fs, self.base = pafs.FileSystem.from_uri(root if self.remote else Path(root).as_uri())
-        self.uri = root
-
-    def location(self, *parts: str) -> str:
-        """Where a file is, as the user would write it: a local path or a URI."""
-        return "/".join([self.uri.rstrip("/"), *parts])
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.base.rstrip("/"), *parts])
-
-    def read(self, *parts: str) -> bytes | None:
-        p = self.path(*parts)
-        if self.fs.get_file_info(p).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(p) as f:
-            return f.read()
-
-    def write(self, data: bytes, *parts: str) -> None:
-        """Write then move: readers see the old file or the new one, never half of one."""
-        p = self.path(*parts)
-        self.fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{p}.tmp{os.getpid()}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, p)
-
-    def lock_path(self, name: str) -> Path:
-        """Local stores lock beside the files; remote ones on this machine only (see README)."""
-        if not self.remote:
-            return Path(self.base) / name
-        tag = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-        return Path.home() / ".cache" / "kdsweep" / "locks" / tag / name
-
-
 class TeacherCache:
     """Teachers under `<root>/<hash>/`: `teacher.pt` (a state_dict) and `meta.json` (identity,
     metrics, the file's sha256, and the history of cache events)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.store = _Store(str(root))
+        self.store = Store(str(root))
 
     def _meta(self, h: str) -> dict[str, Any] | None:
         blob = self.store.read(h, "meta.json")
@@ -193,7 +139,7 @@ class TeacherCache:
         `on_ready(record)` runs while the lock is held, so per-sweep bookkeeping (one MLflow
         run per teacher) is race-free too."""
         h = teacher_hash(identity)
-        with _locked(self.store.lock_path(f"{h}.lock")):
+        with locked(self.store.lock_path(f"{h}.lock")):
             record, problem = self._load(h, model)
             if record is None:
                 event = "retrained" if problem else "trained"

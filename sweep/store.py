@@ -1,0 +1,70 @@
+"""Whole files on a local folder or any pyarrow filesystem URI (`s3://`, `gs://`, `file://`).
+
+Why one small module: the teacher cache and the per-trial checkpoints both need the same two
+guarantees on any filesystem a cluster can share: a reader sees a whole file or none (write to a
+temporary name, then move), and a URI works where a path does.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Store:
+    """Whole-file reads and atomic whole-file writes on a local path or a pyarrow URI."""
+
+    def __init__(self, root: str) -> None:
+        root = str(root)
+        self.remote = "://" in root and not root.startswith("file://")
+        if not self.remote:
+            root = str(Path(root.removeprefix("file://")).expanduser().resolve())
+        self.fs, self.base = pafs.FileSystem.from_uri(root if self.remote else Path(root).as_uri())
+        self.uri = root
+
+    def location(self, *parts: str) -> str:
+        """Where a file is, as the user would write it: a local path or a URI."""
+        return "/".join([self.uri.rstrip("/"), *parts])
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
+
+    def read(self, *parts: str) -> bytes | None:
+        p = self.path(*parts)
+        if self.fs.get_file_info(p).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(p) as f:
+            return f.read()
+
+    def write(self, data: bytes, *parts: str) -> None:
+        """Write then move: readers see the old file or the new one, never half of one."""
+        p = self.path(*parts)
+        self.fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{p}.tmp{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, p)
+
+    def lock_path(self, name: str) -> Path:
+        """Local stores lock beside the files; remote ones on this machine only (see README)."""
+        if not self.remote:
+            return Path(self.base) / name
+        tag = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "kdsweep" / "locks" / tag / name
