@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
+# where sweeps live: $KDSWEEP_STORAGE on a cluster (cluster/README.md), else the default path
+DEFAULT_STORAGE = os.environ.get("KDSWEEP_STORAGE", "./sweeps")
+STORAGE_HELP = "the sweep file's storage.path (default: $KDSWEEP_STORAGE, else ./sweeps)"
 
 
 def _fail(msg: str) -> int:
@@ -72,9 +77,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .tune import SweepExists, run_sweep  # imports Ray: only once the file is known good
 
     try:
-        run_sweep(spec, address=args.address)
+        complete = run_sweep(spec, address=args.address)
     except SweepExists as e:
         return _fail(str(e))
+    return 0 if complete else EXIT_INTERRUPTED
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .tune import resume_sweep
+
+    try:
+        complete = resume_sweep(args.name, args.storage, address=args.address)
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    return 0 if complete else EXIT_INTERRUPTED
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        summary = write_report(args.name, args.storage, out=args.out)
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    print(summary)
     return 0
 
 
@@ -171,19 +197,33 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--name", help="run under another name than the file's")
     r.set_defaults(fn=cmd_run)
+    rs = sub.add_parser("resume", help="continue a stopped sweep from its checkpoints")
+    rs.add_argument("name")
+    rs.add_argument("--storage", default=DEFAULT_STORAGE, help=STORAGE_HELP)
+    rs.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)"
+    )
+    rs.set_defaults(fn=cmd_resume)
+    rp = sub.add_parser(
+        "report", help="tables and plots of a sweep (also logged to its MLflow parent run)"
+    )
+    rp.add_argument("name")
+    rp.add_argument("--storage", default=DEFAULT_STORAGE, help=STORAGE_HELP)
+    rp.add_argument("--out", help="output folder (default: <storage>/<name>/report)")
+    rp.set_defaults(fn=cmd_report)
     v = sub.add_parser("validate", help="check a sweep file and print its plan")
     v.add_argument("file")
     v.set_defaults(fn=cmd_validate)
     s = sub.add_parser("status", help="per cell: trials done / running / failed, best so far")
     s.add_argument("name")
-    s.add_argument("--storage", default="./sweeps", help="the sweep file's storage.path")
+    s.add_argument("--storage", default=DEFAULT_STORAGE, help=STORAGE_HELP)
     s.set_defaults(fn=cmd_status)
     e = sub.add_parser(
         "evaluate", help="full test-set suite for the best trials of each cell, into their runs"
     )
     e.add_argument("name")
     e.add_argument("--top", type=int, default=1, help="trials per cell, by the sweep's objective")
-    e.add_argument("--storage", default="./sweeps", help="the sweep file's storage.path")
+    e.add_argument("--storage", default=DEFAULT_STORAGE, help=STORAGE_HELP)
     e.add_argument("--attacks", nargs="+", help="e.g. pgd50 cw_inf30 (default: the file's suite)")
     e.add_argument("--examples", type=int, help="test examples (default: all)")
     e.add_argument("--force", action="store_true", help="re-evaluate runs already evaluated")
@@ -207,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

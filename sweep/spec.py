@@ -7,7 +7,9 @@ cross-field rule is checked at load time.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -255,6 +257,12 @@ class ResourcesSpec(StrictModel):
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
     max_concurrent_trials: int | None = Field(None, gt=0, description="null = as many as fit")
+    max_failures: int = Field(
+        2,
+        ge=0,
+        description="times a crashed trial (an exception, a lost worker) is retried from its "
+        "last checkpoint; a diverged trial is never retried",
+    )
 
 
 class StorageSpec(StrictModel):
@@ -506,8 +514,35 @@ def parse_spec(data: Any, file: str = "<sweep>") -> SweepSpec:
         raise SpecError(file, _problems(e)) from None
 
 
+# Where a cluster points every node (cluster/README.md): the environment overrides the file's
+# `storage:` so one sweep file runs on a laptop and on a cluster unchanged, and credentials stay
+# in the platform's environment, never in the file.
+STORAGE_ENV = {
+    "KDSWEEP_STORAGE": "path",
+    "KDSWEEP_TEACHERS": "teachers",
+    "KDSWEEP_OPTUNA": "optuna",
+    "MLFLOW_TRACKING_URI": "mlflow_tracking_uri",
+}
+
+
+def apply_storage_env(data: dict[str, Any], environ: dict[str, str] | None = None) -> list[str]:
+    """Put the STORAGE_ENV variables that are set into `data["storage"]`; returns the fields
+    they replaced, for the plan to say so."""
+    environ = dict(os.environ) if environ is None else environ
+    changed = []
+    for var, field in STORAGE_ENV.items():
+        if environ.get(var):
+            storage = data.setdefault("storage", {}) or {}
+            data["storage"] = storage
+            if isinstance(storage, dict):
+                storage[field] = environ[var]
+                changed.append(f"storage.{field} from ${var}")
+    return changed
+
+
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep file; any problem raises SpecError naming file and field."""
+    """Read and validate a sweep file; any problem raises SpecError naming file and field.
+    Storage locations set in the environment (STORAGE_ENV) override the file's."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), [("", "no such file")])
@@ -518,6 +553,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(str(path), [("", f"YAML does not parse: {where}{problem}")]) from None
+    if isinstance(data, dict):
+        for change in apply_storage_env(data):
+            print(f"{path}: {change}", file=sys.stderr)
     return parse_spec(data, str(path))
 
 

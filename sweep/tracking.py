@@ -111,11 +111,55 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow's per-batch limit
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        """All of an epoch's metrics in one round trip."""
+    def log_metrics(
+        self,
+        run_id: str,
+        metrics: dict[str, float],
+        step: int,
+        logged: dict[str, int] | None = None,
+    ) -> None:
+        """All of an epoch's metrics in one round trip. `logged` (from `logged_steps`): skip a
+        metric already logged at this step, so a resumed trial never logs a step twice."""
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=batch)
+        logged = logged or {}
+        batch = [
+            Metric(k, float(v), ts, step) for k, v in metrics.items() if step > logged.get(k, -1)
+        ]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def logged_steps(self, run_id: str) -> dict[str, int]:
+        """The last step logged of each metric of the run (one query per metric name)."""
+        run = self.client.get_run(run_id)
+        return {
+            k: max(m.step for m in self.client.get_metric_history(run_id, k))
+            for k in run.data.metrics
+        }
+
+    def resume_run(self, run_id: str, tags: dict[str, str]) -> str:
+        """Continue a run (a trial restarted from its checkpoint): back to RUNNING unless it
+        FINISHED or FAILED for good, with `tags` updated. Returns the run's status before."""
+        status = self.status(run_id)
+        if status in ("RUNNING", "KILLED", "FAILED"):
+            self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, tags)
+        return status
+
+    def close_running(self, sweep: str, status: str, reason: str) -> list[str]:
+        """Set every still-RUNNING student run of `sweep` to `status` (KILLED when the sweep
+        was interrupted, so the UI does not show runs as live that nothing is running)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.kind = 'student' and tags.sweep = '{sweep}' "
+                "and attributes.status = 'RUNNING'"
+            ),
+            max_results=10000,
+        )
+        for r in runs:
+            self.set_tags(r.info.run_id, {"stopped_because": reason})
+            self.finish(r.info.run_id, status)
+        return [r.info.run_id for r in runs]
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

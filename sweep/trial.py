@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import random
+import socket
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .attacks import run_attack
+from .checkpoints import FAILED, STOPPED, TrialCheckpoints, trial_key
 from .cmi import output_metrics
 from .data import Splits, load_splits, make_augmentation
 from .evaluate import accuracy, evaluate_suite, sanity_warnings
@@ -48,6 +51,9 @@ class SweepContext:
 
     def tracker(self) -> Tracker:
         return _tracker(self.tracking_uri, self.experiment)
+
+    def checkpoints(self) -> TrialCheckpoints:
+        return TrialCheckpoints(f"{self.sweep_dir}/trials")
 
 
 @functools.lru_cache(maxsize=4)
@@ -317,7 +323,8 @@ def finalize(
     flags: list[str] = []
     state_dir = Path(ctx.sweep_dir) / "autoattack" / run_id
     metrics = test_metrics(ctx.spec, model, data, state_dir=state_dir, flags=flags)
-    tracker.log_metrics(run_id, metrics, step=epoch)
+    # a finalize cut short (killed) and run again must not log the test metrics twice
+    tracker.log_metrics(run_id, metrics, step=epoch, logged=tracker.logged_steps(run_id))
     warnings = flags + sanity_warnings(
         metrics, ctx.spec.evaluation.attacks, eps=ctx.spec.threat.eps
     )
@@ -332,23 +339,80 @@ def finalize(
     return metrics
 
 
+def _student_run(
+    ctx: SweepContext,
+    config: dict[str, Any],
+    key: str,
+    t_hash: str,
+    resume_run: str | None,
+    where: dict[str, str],
+) -> str:
+    """The trial's MLflow run: the one it started before (continued, RUNNING again) or a new
+    one, whose id is checkpointed at once so a restart never opens a second run. `where`:
+    tags naming the process running it now (host, pid, Ray node)."""
+    tracker, spec = ctx.tracker(), ctx.spec
+    if resume_run:
+        tracker.resume_run(resume_run, {"trial_id": config.get("trial_id", ""), **where})
+        return resume_run
+    run_id = tracker.start_run(
+        f"{config['cell']}#{config['cell_index']}",
+        params=trial_params(spec, config),
+        tags={
+            "kind": "student",
+            "sweep": spec.name,
+            "cell": config["cell"],
+            "config_key": key,
+            "teacher_loss": config["teacher_loss"],
+            "method": config["method"],
+            "train_attack": config["train_attack"],
+            "trial_id": config.get("trial_id", ""),
+            "optuna_trial": str(config.get("optuna_number", "")),
+            "teacher_hash": t_hash,
+            **where,
+        },
+        parent_run_id=ctx.parent_run_id,
+    )
+    ctx.checkpoints().set_run_id(key, run_id)
+    return run_id
+
+
+class TrialFailed(RuntimeError):
+    """A trial that failed for good before (e.g. diverged): restarting it cannot help."""
+
+
 def run_trial(
     ctx: SweepContext,
     config: dict[str, Any],
     report: Report,
-    resume: dict[str, Any] | None = None,
     threads: int | None = None,
+    where: dict[str, str] | None = None,
 ) -> None:
-    """Train one student. `config` holds the cell (teacher_loss, method, train_attack), `hp`
-    (tuned values), `seed`, `trial_id` and `cell_index`; `resume` a state from `student_state`."""
+    """Train one student, or continue it from its checkpoint. `config` holds the cell
+    (teacher_loss, method, train_attack), `hp` (tuned values), `seed`, `trial_id` and
+    `cell_index`. Every epoch: log to MLflow, checkpoint, then report (see checkpoints.py).
+    `where`: extra run tags saying where it runs (the Ray node, from tune.py)."""
     spec = ctx.spec
+    key = trial_key(config)
+    checkpoints = ctx.checkpoints()
+    outcome = checkpoints.outcome(key)
+    if outcome and outcome["status"] == FAILED:
+        raise TrialFailed(f"{key} failed before ({outcome['reason']}); not retried")
+    resume = checkpoints.state(key)
+    tracker = ctx.tracker()
+    run_before = resume["mlflow_run_id"] if resume else checkpoints.run_id(key)
+    if run_before and tracker.status(run_before) == "FINISHED":  # done before the kill
+        report(_final_result(tracker, run_before, spec.budget.epochs), resume or {})
+        return
+    if resume and outcome and outcome["status"] == STOPPED:  # ASHA's verdict stands
+        report({**resume["metrics"], "epoch": resume["epoch"]}, {})
+        return
+
     if threads:
         torch.set_num_threads(threads)
     seed_everything(config["seed"])
     device = pick_device(spec)
     data = get_splits(spec, device)
     method = METHODS.get(config["method"])(config["hp"])
-    tracker = ctx.tracker()
 
     cell = Cell(config["teacher_loss"], config["method"], config["train_attack"])
     teachers, records = get_teachers(ctx, spec.cell_teachers(cell), data, device)
@@ -365,24 +429,12 @@ def run_trial(
         sched.load_state_dict(resume["schedule"])
         _set_rng_state(resume["rng"])
         method.load_state_dict(resume.get("method", {}))
-        start, run_id = resume["epoch"], resume["mlflow_run_id"]
-    else:
-        run_id = tracker.start_run(
-            f"{config['cell']}#{config['cell_index']}",
-            params=trial_params(spec, config),
-            tags={
-                "kind": "student",
-                "sweep": spec.name,
-                "cell": config["cell"],
-                "teacher_loss": config["teacher_loss"],
-                "method": config["method"],
-                "train_attack": config["train_attack"],
-                "trial_id": config.get("trial_id", ""),
-                "optuna_trial": str(config.get("optuna_number", "")),
-                "teacher_hash": t_hash,
-            },
-            parent_run_id=ctx.parent_run_id,
-        )
+        start = resume["epoch"]
+    where = {"host": socket.gethostname(), "worker_pid": str(os.getpid()), **(where or {})}
+    run_id = _student_run(ctx, config, key, t_hash, run_before, where)
+    logged = tracker.logged_steps(run_id) if run_before else {}
+    if start:
+        print(f"{key}: continuing from epoch {start} in MLflow run {run_id}", flush=True)
 
     eps = spec.train_attack.eps if spec.train_attack.eps is not None else spec.threat.eps
 
@@ -415,17 +467,28 @@ def run_trial(
                 schedule=sched,
             )
             metrics = {"train/loss": train_loss, **validation_metrics(spec, student, data)}
-            tracker.log_metrics(run_id, metrics, step=epoch)
+            tracker.log_metrics(run_id, metrics, step=epoch, logged=logged)
             if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there
                 finalize(ctx, student, data, run_id, epoch)
             state = student_state(student, opt, sched, epoch, run_id)
-            report({**metrics, "epoch": epoch}, {**state, "method": method.state_dict()})
+            state |= {"method": method.state_dict(), "metrics": metrics}
+            checkpoints.save_state(key, state)
+            report({**metrics, "epoch": epoch}, state)
     except Diverged as e:
+        checkpoints.set_outcome(key, FAILED, "diverged")
         tracker.fail(run_id, "diverged", str(e))
         raise
     except Exception as e:
         tracker.fail(run_id, type(e).__name__, traceback.format_exc())
         raise
+
+
+def _final_result(tracker: Tracker, run_id: str, epochs: int) -> dict[str, float]:
+    """A finished run's last validation metrics, as the trial reported them."""
+    metrics = tracker.client.get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))} | {
+        "epoch": epochs
+    }
 
 
 def finalize_from_state(

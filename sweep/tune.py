@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
+from .checkpoints import FAILED, STOPPED, trial_key
 from .space import is_searched
 from .spec import SweepSpec, dump_spec
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
-from .trial import SweepContext, finalize_from_state, load_state, run_trial
+from .trial import SweepContext, finalize_from_state, run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -62,9 +62,11 @@ class CellSearcher(Searcher):
         self.spec = spec
         self.optuna_url = optuna_url
         self.cells = spec.cells()
-        self.asked = {c.key: 0 for c in self.cells}
+        self.handed: dict[str, list[int]] = {c.key: [] for c in self.cells}  # cell indices
         self.live: dict[str, tuple[str, int, int]] = {}  # tune id -> (cell, optuna id, number)
         self.next_cell = 0
+        self.orphans: list[tuple[str, int]] = []  # (cell, optuna number) to hand out again
+        self._reconciled = True
         self._studies: dict[str, optuna.Study] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # Optuna studies hold DB engines: not picklable
@@ -91,12 +93,34 @@ class CellSearcher(Searcher):
             )
         return self._studies[key]
 
+    def reconcile(self) -> list[tuple[str, int]]:
+        """After a restore: find the Optuna trials this searcher's snapshot never handed to
+        Tune (asked after the driver's last snapshot, then the driver died). They are handed
+        out again with the same parameters and cell index, so the trial finds its checkpoint
+        and MLflow run: nothing is asked twice and no Optuna trial is left RUNNING."""
+        found = []
+        for cell in self.cells:
+            handed = set(self.handed[cell.key])
+            for t in self.study(cell.key).get_trials(deepcopy=False):
+                if t.number not in handed:
+                    found.append((t.datetime_start, cell.key, t.number))
+        self.orphans += [(key, number) for _, key, number in sorted(found)]  # as first asked
+        self._reconciled = True
+        return list(self.orphans)
+
     def suggest(self, trial_id: str) -> dict | str | None:
+        if not self._reconciled:
+            self.reconcile()
+        if self.orphans:
+            key, number = self.orphans.pop(0)
+            (ot,) = [t for t in self.study(key).get_trials(deepcopy=False) if t.number == number]
+            cell = next(c for c in self.cells if c.key == key)
+            return self._handout(trial_id, cell, number, ot._trial_id, ot.params)
         n = len(self.cells)
         budget = self.spec.budget.trials_per_cell
         for i in range(n):
             cell = self.cells[(self.next_cell + i) % n]
-            if self.asked[cell.key] < budget:
+            if len(self.handed[cell.key]) < budget:
                 self.next_cell = (self.next_cell + i + 1) % n
                 break
         else:
@@ -104,10 +128,17 @@ class CellSearcher(Searcher):
         space = self.spec.cell_space(cell.method)
         dists = {k: v.distribution() for k, v in space.items() if is_searched(v)}
         ot = self.study(cell.key).ask(dists)
-        index = self.asked[cell.key]
-        self.asked[cell.key] += 1
-        self.live[trial_id] = (cell.key, ot._trial_id, ot.number)
-        hp = {k: v for k, v in space.items() if not is_searched(v)} | ot.params
+        return self._handout(trial_id, cell, ot.number, ot._trial_id, ot.params)
+
+    def _handout(
+        self, trial_id: str, cell: Any, index: int, ot_id: int, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The trial config. Its identity in the cell (checkpoints, MLflow run, seed) is the
+        Optuna trial's number in the cell's study."""
+        self.handed[cell.key].append(index)
+        self.live[trial_id] = (cell.key, ot_id, index)
+        space = self.spec.cell_space(cell.method)
+        hp = {k: v for k, v in space.items() if not is_searched(v)} | params
         return {
             "cell": cell.key,
             "teacher_loss": cell.teacher_loss,
@@ -116,16 +147,19 @@ class CellSearcher(Searcher):
             "hp": hp,
             "seed": self.spec.seed + index,
             "cell_index": index,
-            "optuna_number": ot.number,
+            "optuna_number": index,
             "trial_id": trial_id,
         }
+
+    def _finished(self, key: str, ot_id: int) -> bool:
+        return self.study(key)._storage.get_trial(ot_id).state.is_finished()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self.live or len(self.spec.objectives) > 1:
             return
         key, ot_id, _ = self.live[trial_id]
         metric = self.spec.objectives[0].metric
-        if metric in result and "epoch" in result:
+        if metric in result and "epoch" in result and not self._finished(key, ot_id):
             self.study(key)._storage.set_trial_intermediate_value(
                 ot_id, int(result["epoch"]), float(result[metric])
             )
@@ -135,7 +169,9 @@ class CellSearcher(Searcher):
     ) -> None:
         if trial_id not in self.live:
             return
-        key, _, number = self.live.pop(trial_id)
+        key, ot_id, number = self.live.pop(trial_id)
+        if self._finished(key, ot_id):  # told before the driver died; Optuna keeps its verdict
+            return
         study = self.study(key)
         state = optuna.trial.TrialState
         if error or not result:
@@ -152,6 +188,7 @@ class CellSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        self._reconciled = False  # the storage may know trials the snapshot does not
 
 
 class CellASHA(FIFOScheduler):
@@ -161,7 +198,7 @@ class CellASHA(FIFOScheduler):
         super().__init__()
         b, o = spec.budget, spec.objectives[0]
         self._kw = dict(
-            time_attr="training_iteration",
+            time_attr="epoch",  # not Tune's iteration count, which restarts on restore
             metric=o.metric,
             mode=o.mode,
             max_t=b.epochs,
@@ -203,30 +240,25 @@ class CellASHA(FIFOScheduler):
 
 
 def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
-    """The Tune function trainable: resume from Tune's checkpoint if there is one."""
-    resume = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = load_state(d)
-
-    def report(metrics: dict[str, float], state: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / "state.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-    for name in ("ray.train", "ray.tune"):  # per-checkpoint INFO lines drown the progress
+    """The Tune function trainable. Progress lives in the sweep's own checkpoints
+    (checkpoints.py), keyed by the trial's cell and index, so Tune gets metrics only."""
+    for name in ("ray.train", "ray.tune"):  # per-report INFO lines drown the progress
         logging.getLogger(name).setLevel(logging.WARNING)
     threads = max(1, int(ctx.spec.resources.cpus_per_trial))
-    run_trial(ctx, config, report, resume=resume, threads=threads)
+    where = {"ray_node_id": ray.get_runtime_context().get_node_id()}
+    run_trial(
+        ctx, config, lambda metrics, _state: tune.report(metrics), threads=threads, where=where
+    )
 
 
 class Progress(tune.Callback):
-    """One line per finished trial: what a researcher watching a long sweep wants to see."""
+    """One line per finished trial, and the bookkeeping Tune's own events call for: a trial
+    ASHA stopped is marked so a restart does not train it on; a trial that failed for good
+    (retries spent, worker lost) has its MLflow run ended FAILED with the reason."""
 
-    def __init__(self, spec: SweepSpec, total: int) -> None:
-        self.spec, self.total, self.done, self.t0 = spec, total, 0, time.time()
-        self.best: dict[str, float] = {}
+    def __init__(self, ctx: SweepContext, total: int, done: int = 0) -> None:
+        self.ctx, self.spec = ctx, ctx.spec
+        self.total, self.done, self.t0 = total, done, time.time()
 
     def _line(self, trial: Any, what: str) -> None:
         self.done += 1
@@ -242,9 +274,29 @@ class Progress(tune.Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "done")
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        if epoch < self.spec.budget.epochs:
+            self.ctx.checkpoints().set_outcome(trial_key(trial.config), STOPPED, "asha")
+        self._line(trial, "done" if epoch >= self.spec.budget.epochs else "stopped by ASHA")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        c = trial.config
+        outcome = self.ctx.checkpoints().outcome(trial_key(c))
+        if outcome and outcome["status"] == FAILED:  # the restart only re-raises the reason
+            return
+        print(
+            f"{c.get('cell')}#{c.get('cell_index')} failed, retrying from its checkpoint "
+            f"({trial.num_failures}/{self.spec.resources.max_failures})",
+            flush=True,
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        key = trial_key(trial.config)
+        run_id = self.ctx.checkpoints().run_id(key)
+        if run_id:  # the trial ends its run itself when it can; a killed worker cannot
+            tracker = self.ctx.tracker()
+            if tracker.status(run_id) == "RUNNING":
+                tracker.fail(run_id, "worker_lost", str(getattr(trial, "error_msg", "")))
         self._line(trial, "FAILED")
 
 
@@ -288,36 +340,59 @@ def _finalize_early_stopped(ctx: SweepContext, results: Any) -> int:
     checkpoints now, as Ray tasks with the trials' resources."""
     spec = ctx.spec
     res = spec.resources
+    checkpoints, tracker = ctx.checkpoints(), ctx.tracker()
     todo = []
     for r in results:
-        if (
-            r.error is None
-            and r.checkpoint is not None
-            and r.metrics.get("epoch", 0) < spec.budget.epochs
-        ):
-            todo.append((r.config, r.checkpoint))
+        if not r.config or r.error is not None or r.metrics.get("epoch", 0) >= spec.budget.epochs:
+            continue
+        key = trial_key(r.config)
+        run_id = checkpoints.run_id(key)
+        if run_id and tracker.status(run_id) != "FINISHED" and checkpoints.state(key):
+            todo.append((r.config, key))
     if not todo:
         return 0
     print(f"testing {len(todo)} trials stopped early by ASHA ...", flush=True)
 
     @ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
-    def finalize_task(config: dict, checkpoint: tune.Checkpoint) -> None:
+    def finalize_task(config: dict, key: str) -> None:
         torch.set_num_threads(max(1, int(res.cpus_per_trial)))
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
-        finalize_from_state(ctx, config, state)
+        finalize_from_state(ctx, config, ctx.checkpoints().state(key))
 
-    ray.get([finalize_task.remote(c, ck) for c, ck in todo])
+    ray.get([finalize_task.remote(c, k) for c, k in todo])
     return len(todo)
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
-    """Run a whole sweep; returns Tune's ResultGrid."""
+def _tuner_parts(spec: SweepSpec, ctx: SweepContext) -> tuple[Any, tune.RunConfig]:
+    res = spec.resources
+    trainable_ = tune.with_resources(
+        tune.with_parameters(trainable, ctx=ctx),
+        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
+    )
+    run_config = tune.RunConfig(
+        name="tune",
+        storage_path=ctx.sweep_dir,
+        failure_config=tune.FailureConfig(max_failures=res.max_failures),
+        verbose=0,
+    )
+    return trainable_, run_config
+
+
+def _snapshot_often() -> None:
+    """Tune snapshots the experiment (trial list, searcher, scheduler) every 10 s or more by
+    default; a killed driver then forgets the reports since. Trials keep their own checkpoints,
+    so what it forgets is bookkeeping, but a 1 s period keeps that to one report per trial."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
+    """Run a whole sweep; True when every trial ended, False when it was interrupted."""
     paths = sweep_paths(spec)
     if paths["tune"].exists():
         raise SweepExists(
-            f"sweep {spec.name!r} already exists at {paths['sweep']}; run it under a new name "
-            f"(sweep run FILE --name NEW) or delete that folder to start over"
+            f"sweep {spec.name!r} already exists at {paths['sweep']}.\n"
+            f"  continue it:   sweep resume {spec.name} --storage {paths['root']}\n"
+            f"  start over:    delete {paths['sweep']} (and its MLflow experiment), or run "
+            f"under a new name: sweep run FILE --name NEW"
         )
     paths["sweep"].mkdir(parents=True, exist_ok=True)
     (paths["sweep"] / "sweep.yaml").write_text(dump_spec(spec))
@@ -350,42 +425,104 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> Any:
         f"trials, {spec.budget.epochs} epochs each\nMLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
-
     ctx = SweepContext(spec, str(paths["sweep"]), teacher_store(spec), uri, experiment, parent)
     init_ray(address)
-    # Tune snapshots the experiment after every checkpoint (num_to_keep=1): that is what bounds
-    # the loss on a killed driver, so its "snapshotting may become a bottleneck" warning is noise.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    res = spec.resources
+    _snapshot_often()
+    trainable_, run_config = _tuner_parts(spec, ctx)
+    run_config.callbacks = [Progress(ctx, total)]
     tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(trainable, ctx=ctx),
-            {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
-        ),
+        trainable_,
         tune_config=tune.TuneConfig(
             search_alg=CellSearcher(spec, optuna_url(spec)),
             scheduler=CellASHA(spec),
             num_samples=total,
-            max_concurrent_trials=res.max_concurrent_trials,
+            max_concurrent_trials=spec.resources.max_concurrent_trials,
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=str(paths["sweep"]),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[Progress(spec, total)],
-            verbose=0,
-        ),
+        run_config=run_config,
     )
-    results = tuner.fit()
-    _finalize_early_stopped(ctx, results)
-    failed = sum(r.error is not None for r in results)
-    tracker.set_tags(parent, {"trials": str(len(results)), "failed": str(failed)})
-    tracker.finish(parent)
+    return _fit(ctx, tuner, total, paths["root"], optuna_url(spec))
+
+
+def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | None = None) -> bool:
+    """Continue a stopped sweep: finished trials are kept, unfinished and errored ones continue
+    from their checkpoints, and trials Optuna knows but Tune's snapshot does not are handed
+    out again (CellSearcher.reconcile). True when every trial ended."""
+    from .status import open_sweep
+
+    sweep_dir, state, spec = open_sweep(name, storage)
+    tune_dir = sweep_dir / "tune"
+    if not tune.Tuner.can_restore(str(tune_dir)):
+        raise FileNotFoundError(
+            f"sweep {name!r} at {sweep_dir} has no Tune experiment to resume; it stopped before "
+            f"its first trial was scheduled: delete {sweep_dir} and run it again"
+        )
+    uri = state["mlflow_tracking_uri"]
+    ctx = SweepContext(
+        spec, str(sweep_dir), teacher_store(spec), uri, state["experiment"], state["parent_run_id"]
+    )
+    tracker = ctx.tracker()
+    tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    total = len(spec.cells()) * spec.budget.trials_per_cell
+    done = _finished_trials(spec, state["optuna"])
     print(
-        f"sweep {spec.name} finished: {len(results)} trials, {failed} failed\n"
-        f"status: sweep status {spec.name} --storage {paths['root']}\n"
+        f"resuming sweep {name}: {done} of {total} trials ended before\n"
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
-    return results
+    init_ray(address)
+    _snapshot_often()
+    trainable_, _ = _tuner_parts(spec, ctx)
+    tuner = tune.Tuner.restore(
+        str(tune_dir),
+        trainable=trainable_,
+        resume_unfinished=True,
+        resume_errored=True,
+        restart_errored=False,
+    )
+    # the pickled run config holds the first run's Progress (its clock and counts): replace it
+    tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, total, done)]
+    return _fit(ctx, tuner, total, sweep_dir.parent, state["optuna"])
+
+
+def _finished_trials(spec: SweepSpec, optuna_url_: str) -> int:
+    storage = optuna.storages.RDBStorage(optuna_url_)
+    n = 0
+    for s in optuna.get_all_study_summaries(storage):
+        if s.study_name.startswith(f"{spec.name}/"):
+            trials = optuna.load_study(study_name=s.study_name, storage=storage).get_trials(
+                deepcopy=False
+            )
+            n += sum(t.state.is_finished() for t in trials)
+    return n
+
+
+def _fit(ctx: SweepContext, tuner: tune.Tuner, total: int, root: Path, optuna_db: str) -> bool:
+    """Run (or continue) the experiment; end the parent run, or on an interruption leave
+    nothing looking RUNNING and say how to go on."""
+    spec, tracker = ctx.spec, ctx.tracker()
+    results = tuner.fit()
+    # Optuna hears of every trial's end (complete, pruned, failed) from the searcher; on Ctrl-C
+    # Tune saves its state and stops the running trials, which stay RUNNING there
+    ended = _finished_trials(spec, optuna_db)
+    if ended < total:
+        killed = tracker.close_running(spec.name, "KILLED", "sweep interrupted")
+        tracker.finish(ctx.parent_run_id, "KILLED")
+        print(
+            f"sweep {spec.name} interrupted: {ended} of {total} trials ended; "
+            f"{len(killed)} runs marked KILLED until resumed\n"
+            f"resume with: sweep resume {spec.name} --storage {root}",
+            flush=True,
+        )
+        return False
+    _finalize_early_stopped(ctx, results)
+    failed = sum(r.error is not None for r in results)
+    tracker.set_tags(ctx.parent_run_id, {"trials": str(len(results)), "failed": str(failed)})
+    tracker.finish(ctx.parent_run_id)
+    print(
+        f"sweep {spec.name} finished: {len(results)} trials, {failed} failed\n"
+        f"status: sweep status {spec.name} --storage {root}\n"
+        f"MLflow: {ui_hint(ctx.tracking_uri, tracker.experiment_id)}",
+        flush=True,
+    )
+    return True

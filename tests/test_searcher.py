@@ -63,7 +63,7 @@ def test_searcher_survives_pickling_without_its_database_handles(tmp_path):
     _, s = _searcher(tmp_path)
     s.suggest("a")
     again = pickle.loads(pickle.dumps(s))
-    assert again.asked == s.asked and again.live == s.live
+    assert again.handed == s.handed and again.live == s.live
     assert again.suggest("b")["cell"] != s.live["a"][0]
 
 
@@ -78,3 +78,55 @@ def test_sampler_is_tpe_for_one_objective_and_nsga2_for_several(tmp_path):
     )
     assert isinstance(make_sampler(one, 0), optuna.samplers.TPESampler)
     assert isinstance(make_sampler(two, 0), optuna.samplers.NSGAIISampler)
+
+
+def _restored(tmp_path, s, snapshot):
+    spec = parse_spec(tiny_spec_dict(tmp_path))
+    again = CellSearcher(spec, s.optuna_url)
+    again.restore(str(snapshot))
+    return again
+
+
+def test_after_a_restore_trials_asked_since_the_snapshot_are_handed_out_again_not_reasked(
+    tmp_path,
+):
+    """The driver snapshots, asks two more trials, and dies. The restored searcher hands those
+    two out again (same cell, index, parameters), then asks new ones: Optuna ends with exactly
+    the budget and nothing stays RUNNING once Tune reports back."""
+    spec, s = _searcher(tmp_path)
+    first = [s.suggest(f"t{i}") for i in range(3)]
+    s.save(str(tmp_path / "snap.pkl"))
+    lost = [s.suggest(f"t{i}") for i in range(3, 5)]  # never reached Tune's snapshot
+    s.on_trial_complete("t3", {"epoch": 2, "val/robust_acc": 0.4})  # finished before the kill
+
+    again = _restored(tmp_path, s, tmp_path / "snap.pkl")
+    handed = [again.suggest(f"n{i}") for i in range(2)]
+    strip = lambda c: {k: v for k, v in c.items() if k != "trial_id"}  # noqa: E731
+    assert [strip(c) for c in handed] == [strip(c) for c in lost]
+    rest = [again.suggest(f"m{i}") for i in range(3)]
+    assert again.suggest("done") == Searcher.FINISHED
+    keys = [(c["cell"], c["cell_index"]) for c in first + handed + rest]
+    assert len(keys) == len(set(keys)) == 8
+
+    for i in range(len(handed + rest)):  # Tune reports every trial, t3 a second time
+        again.on_trial_complete(
+            ["n0", "n1", "m0", "m1", "m2"][i], {"epoch": 2, "val/robust_acc": 0.1 * i}
+        )
+    storage = optuna.storages.RDBStorage(s.optuna_url)
+    trials = [
+        t
+        for cell in spec.cells()
+        for t in optuna.load_study(study_name=f"tiny/{cell.key}", storage=storage).trials
+    ]
+    assert len(trials) == 8
+    lost_keys = {(c["cell"], c["cell_index"]) for c in lost}
+    states = {
+        (cell.key, t.number): t
+        for cell in spec.cells()
+        for t in optuna.load_study(study_name=f"tiny/{cell.key}", storage=storage).trials
+    }
+    t3 = states[(lost[0]["cell"], lost[0]["cell_index"])]
+    assert t3.value == 0.4  # the verdict told before the kill stands
+    assert all(states[k].state != optuna.trial.TrialState.RUNNING for k in lost_keys)
+    running = [k for k, t in states.items() if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 3  # only `first`, whose reports the restored Tune still owes

@@ -327,3 +327,26 @@ def test_list_json_shows_every_registry_with_method_details(tmp_path):
     assert {"digits", "mnist", "cifar10", "cifar100", "svhn"} <= set(listing["datasets"])
     assert {"none", "fgsm", "pgd"} <= set(listing["attacks"])
     assert {"small_cnn", "resnet18"} <= set(listing["models"])
+
+
+def test_storage_locations_from_the_environment_override_the_file(tmp_path, monkeypatch):
+    """How a cluster points every node at shared storage (cluster/README.md)."""
+    from conftest import tiny_spec_dict
+
+    from sweep.spec import STORAGE_ENV
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict(tmp_path)))
+    for var in STORAGE_ENV:
+        monkeypatch.delenv(var, raising=False)
+    plain = load_spec(path)
+    assert plain.storage.path == str(tmp_path / "sweeps") and plain.storage.optuna is None
+    monkeypatch.setenv("KDSWEEP_STORAGE", "/mnt/nfs/sweeps")
+    monkeypatch.setenv("KDSWEEP_TEACHERS", "s3://bucket/teachers")
+    monkeypatch.setenv("KDSWEEP_OPTUNA", "postgresql+psycopg2://kd@db/optuna")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    s = load_spec(path)
+    assert s.storage.path == "/mnt/nfs/sweeps"
+    assert s.storage.teachers == "s3://bucket/teachers"
+    assert s.storage.optuna == "postgresql+psycopg2://kd@db/optuna"
+    assert s.storage.mlflow_tracking_uri == "http://mlflow.internal:5000"

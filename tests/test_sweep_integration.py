@@ -196,6 +196,7 @@ def test_running_an_existing_sweep_again_is_refused(tiny_sweep):
     r = _sweep(tmp_path, "run", "tiny.yaml")
     assert r.returncode == 2
     assert "already exists" in r.stderr and "--name" in r.stderr
+    assert "sweep resume tiny --storage" in r.stderr  # how to go on, as well as start over
 
 
 def test_every_registered_method_runs_one_epoch_through_the_sweep_path(tmp_path):

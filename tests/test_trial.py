@@ -8,12 +8,14 @@ import pytest
 import torch
 from conftest import tiny_spec_dict
 
+from sweep.checkpoints import STOPPED, trial_key
 from sweep.spec import Cell, parse_spec
 from sweep.teacher_defs import TeacherSetsSpec, teacher_set
 from sweep.tracking import Tracker
 from sweep.training import Diverged
 from sweep.trial import (
     SweepContext,
+    TrialFailed,
     finalize_from_state,
     get_splits,
     get_teacher,
@@ -32,8 +34,8 @@ CONFIG = {
 }
 
 
-def _ctx(tmp_path, name="t"):
-    spec = parse_spec(tiny_spec_dict(tmp_path))
+def _ctx(tmp_path, name="t", **over):
+    spec = parse_spec(tiny_spec_dict(tmp_path, **over))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     Tracker(uri, name)
     return SweepContext(spec, str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, name, None)
@@ -102,9 +104,9 @@ def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
 
 def test_resumed_trial_continues_the_same_run_without_repeating_epochs(tmp_path):
     ctx = _ctx(tmp_path)
-    state = _stopped_after_first_epoch(ctx)
+    _stopped_after_first_epoch(ctx)
     resumed = []
-    run_trial(ctx, CONFIG, lambda m, s: resumed.append(m), resume=state)
+    run_trial(ctx, CONFIG, lambda m, s: resumed.append(m))  # finds its checkpoint
     assert [m["epoch"] for m in resumed] == [2]
     (run,) = ctx.tracker().runs("student")
     steps = [
@@ -174,3 +176,73 @@ def test_teacher_set_members_are_cached_by_content_like_any_teacher(tmp_path):
     assert sorted(r.data.tags["teacher_label"] for r in runs) == ["mse", "pgd_at+steps=2"]
     robust = next(r for r in runs if r.data.params["loss"] == "pgd_at")
     assert robust.data.params["loss_params.eps"] == str(spec.threat.eps)
+
+
+def _steps(ctx, run_id, key="val/clean_acc"):
+    return sorted(h.step for h in ctx.tracker().client.get_metric_history(run_id, key))
+
+
+def test_a_kill_between_logging_and_checkpointing_does_not_log_an_epoch_twice(tmp_path):
+    """The trial logs epoch 2 to MLflow, then dies before its checkpoint of epoch 2 is written
+    (modelled by putting back the checkpoint of epoch 1): the restart trains epoch 2 again but
+    logs it once."""
+    ctx = _ctx(tmp_path, budget={"trials_per_cell": 1, "epochs": 3, "grace_period": 3})
+    key, checkpoints = trial_key(CONFIG), ctx.checkpoints()
+    saved = {}
+
+    def report(metrics, state):
+        saved[metrics["epoch"]] = checkpoints.store.read(key, "state.pt")
+        if metrics["epoch"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_trial(ctx, CONFIG, report)
+    checkpoints.store.write(saved[1], key, "state.pt")
+    resumed = []
+    run_trial(ctx, CONFIG, lambda m, s: resumed.append(m["epoch"]))
+    assert resumed == [2, 3]
+    (run,) = ctx.tracker().runs("student")
+    assert run.info.status == "FINISHED"
+    for metric in ("val/clean_acc", "val/robust_acc", "train/loss"):
+        assert _steps(ctx, run.info.run_id, metric) == [1, 2, 3]
+    assert len(ctx.tracker().client.get_metric_history(run.info.run_id, "test/clean_acc")) == 1
+
+
+def test_a_trial_that_finished_before_a_restart_reports_without_training(tmp_path):
+    ctx = _ctx(tmp_path)
+    first = []
+    run_trial(ctx, CONFIG, lambda m, s: first.append(m))
+    (run,) = ctx.tracker().runs("student")
+    mtime = (tmp_path / "sweep" / "trials" / trial_key(CONFIG) / "state.pt").stat().st_mtime_ns
+    again = []
+    run_trial(ctx, {**CONFIG, "trial_id": "new"}, lambda m, s: again.append(m))
+    assert [m["epoch"] for m in again] == [2]
+    assert again[0]["val/clean_acc"] == first[-1]["val/clean_acc"]
+    assert (
+        tmp_path / "sweep" / "trials" / trial_key(CONFIG) / "state.pt"
+    ).stat().st_mtime_ns == mtime
+    assert _steps(ctx, run.info.run_id) == [1, 2]
+    assert len(ctx.tracker().runs("student")) == 1
+
+
+def test_a_diverged_trial_is_not_retried(tmp_path):
+    ctx = _ctx(tmp_path)
+    bad = {**CONFIG, "hp": {"temperature": 2.0, "alpha": 0.5, "lr": float("inf")}}
+    with pytest.raises(Diverged):
+        run_trial(ctx, bad, lambda m, s: None)
+    with pytest.raises(TrialFailed, match="diverged"):
+        run_trial(ctx, bad, lambda m, s: None)
+    (run,) = ctx.tracker().runs("student")
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "diverged"
+
+
+def test_a_trial_asha_stopped_reports_its_last_epoch_and_does_not_train_on(tmp_path):
+    ctx = _ctx(tmp_path)
+    state = _stopped_after_first_epoch(ctx)
+    ctx.checkpoints().set_outcome(trial_key(CONFIG), STOPPED, "asha")
+    again = []
+    run_trial(ctx, CONFIG, lambda m, s: again.append(m))
+    assert [m["epoch"] for m in again] == [1]
+    assert again[0]["val/clean_acc"] == state["metrics"]["val/clean_acc"]
+    (run,) = ctx.tracker().runs("student")
+    assert _steps(ctx, run.info.run_id) == [1]

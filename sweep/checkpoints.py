@@ -1,0 +1,68 @@
+"""Per-trial checkpoints, keyed by what the trial *is* (cell and index), not by Ray's trial id.
+
+Why not Tune's own checkpoints: Tune files them under its trial id, and a trial that the
+driver handed out after its last experiment snapshot comes back from `Tuner.restore` under a new
+id (or not at all). Keyed by `<cell>/<index>` (the Optuna trial's identity in its cell's study),
+the same trial finds its progress and its MLflow run whichever id, worker or machine runs it.
+
+Layout under `<sweep>/trials/<cell>/<index>/`:
+- `run.json`: the MLflow run id, written as soon as the run exists (before any epoch);
+- `state.pt`: the latest epoch's student, optimiser, schedule, method and RNG states, the epoch,
+  the run id and that epoch's metrics, replaced atomically every epoch;
+- `outcome.json`: how the trial ended when it will not train again: `failed` (with a reason;
+  `diverged` is never retried) or `stopped` (by ASHA; tested at the end of the sweep).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import torch
+
+from .store import Store
+
+STOPPED = "stopped"
+FAILED = "failed"
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """`<cell>/<index>`, with the cell key made safe for any filesystem."""
+    cell = re.sub(r"[^A-Za-z0-9._=,-]", "_", str(config["cell"]))
+    return f"{cell}/{int(config['cell_index'])}"
+
+
+class TrialCheckpoints:
+    """The checkpoints of one sweep's trials (a local folder or a pyarrow URI)."""
+
+    def __init__(self, root: str) -> None:
+        self.store = Store(root)
+
+    def run_id(self, key: str) -> str | None:
+        raw = self.store.read(key, "run.json")
+        return json.loads(raw)["mlflow_run_id"] if raw else None
+
+    def set_run_id(self, key: str, run_id: str) -> None:
+        self.store.write(json.dumps({"mlflow_run_id": run_id}).encode(), key, "run.json")
+
+    def state(self, key: str) -> dict[str, Any] | None:
+        raw = self.store.read(key, "state.pt")
+        if raw is None:
+            return None
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+    def save_state(self, key: str, state: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.store.write(buf.getvalue(), key, "state.pt")
+
+    def outcome(self, key: str) -> dict[str, Any] | None:
+        raw = self.store.read(key, "outcome.json")
+        return json.loads(raw) if raw else None
+
+    def set_outcome(self, key: str, status: str, reason: str = "") -> None:
+        self.store.write(
+            json.dumps({"status": status, "reason": reason}).encode(), key, "outcome.json"
+        )

@@ -1,0 +1,284 @@
+"""Resume and fault tolerance with real processes and real signals (issue 6).
+
+Each test runs `sweep run` as a subprocess (its own session, so it and everything it starts can
+be cleaned up), interrupts it for real (SIGKILL or SIGINT to the driver, SIGKILL to a trial's
+worker), lets `sweep resume` or Tune's retry carry on, and then checks the books: Tune, Optuna
+and MLflow agree trial for trial, nothing is RUNNING, no metric step is logged twice, and trials
+that had finished were not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import tiny_spec_dict
+
+from sweep.tracking import Tracker
+
+EPOCHS = 4
+SWEEP_CLI = [sys.executable, "-m", "sweep.cli"]
+
+
+def _spec(tmp_path: Path, name: str, **over) -> Path:
+    settings = {
+        "name": name,
+        "teacher": {"epochs": 1},
+        "grid": {"teacher_loss": ["ce"], "method": ["kd", "ard"], "train_attack": ["pgd"]},
+        "budget": {"trials_per_cell": 2, "epochs": EPOCHS, "grace_period": EPOCHS},
+        "evaluation": {
+            "attacks": ["pgd5"],
+            "val_attack": "pgd3",
+            "val_examples": 60,
+            "test_examples": 60,
+        },
+    }
+    spec = tiny_spec_dict(tmp_path, **(settings | over))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        SWEEP_CLI + args,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: killable as a whole afterwards
+        env=env,
+    )
+
+
+def _cleanup(proc: subprocess.Popen) -> None:
+    """What a preempted machine does to what is left of a killed driver's Ray processes."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _wait_for(what, condition, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"sweep exited ({proc.returncode}) before {what}:\n{log.read_text()}")
+        time.sleep(0.25)
+    _cleanup(proc)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
+
+
+class Books:
+    """Read-only views of one sweep's Tune, Optuna, MLflow and checkpoint records."""
+
+    def __init__(self, tmp_path: Path, name: str) -> None:
+        self.name = name
+        self.dir = tmp_path / "sweeps" / name
+        self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def tracker(self) -> Tracker | None:
+        if not (self.dir / "state.json").exists():
+            return None
+        return Tracker(self.uri, self.name)
+
+    def runs(self, status: str | None = None) -> list:
+        tracker = self.tracker()
+        if tracker is None:
+            return []
+        runs = [r for r in tracker.runs("student") if r.data.tags.get("sweep") == self.name]
+        return [r for r in runs if status is None or r.info.status == status]
+
+    def epoch(self, key: str) -> int:
+        path = self.dir / "trials" / key / "state.pt"
+        if not path.exists():
+            return 0
+        try:
+            return int(torch.load(path, weights_only=True)["epoch"])
+        except Exception:  # being replaced right now
+            return 0
+
+    def in_progress(self) -> list[str]:
+        """Trial keys with a checkpoint of an epoch before the last."""
+        root = self.dir / "trials"
+        keys = [f"{c.name}/{i.name}" for c in root.glob("*") for i in c.glob("*")]
+        return [k for k in keys if 0 < self.epoch(k) < EPOCHS]
+
+    def optuna_trials(self) -> list:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{self.dir / 'optuna.db'}")
+        out = []
+        for s in optuna.get_all_study_summaries(storage):
+            out += optuna.load_study(study_name=s.study_name, storage=storage).get_trials()
+        return out
+
+    def tune_trials(self) -> list[dict]:
+        """The trials of Tune's latest experiment snapshot: id, status, config."""
+        (state,) = sorted((self.dir / "tune").glob("experiment_state-*.json"))[-1:]
+        data = json.loads(state.read_text())
+        out = []
+        for trial_json, _runtime in data["trial_data"]:
+            t = json.loads(trial_json)
+            out.append({"status": t["status"], "config": t["config"]})
+        return out
+
+    def state_mtimes(self, runs: list) -> dict[str, int]:
+        return {
+            r.data.tags["config_key"]: (
+                self.dir / "trials" / r.data.tags["config_key"] / "state.pt"
+            )
+            .stat()
+            .st_mtime_ns
+            for r in runs
+        }
+
+
+def _check_complete(books: Books, total: int) -> None:
+    """Every trial FINISHED exactly once and the three records agree."""
+    tune_trials = books.tune_trials()
+    assert len(tune_trials) == total
+    assert Counter(t["status"] for t in tune_trials) == {"TERMINATED": total}
+    keys = Counter(f"{t['config']['cell']}/{t['config']['cell_index']}" for t in tune_trials)
+    assert all(n == 1 for n in keys.values()), keys  # no trial handed out twice
+
+    runs = books.runs()
+    assert len(runs) == total  # one MLflow run per Tune trial, no second run for a restart
+    assert Counter(r.info.status for r in runs) == {"FINISHED": total}
+    assert Counter(r.data.tags["config_key"] for r in runs) == keys
+
+    trials = books.optuna_trials()
+    assert len(trials) == total
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+    client = books.tracker().client
+    for r in runs:
+        for metric in r.data.metrics:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, metric)]
+            assert len(steps) == len(set(steps)), (r.info.run_name, metric, sorted(steps))
+        history = client.get_metric_history(r.info.run_id, "val/clean_acc")
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+    parent = [r for r in books.tracker().runs("sweep") if r.data.tags.get("sweep") == books.name]
+    assert [p.info.status for p in parent] == ["FINISHED"]
+
+
+def _interrupt_and_resume(tmp_path: Path, name: str, sig: int) -> None:
+    spec = _spec(tmp_path, name)
+    books = Books(tmp_path, name)
+    log = tmp_path / "run.log"
+    proc = _start(["run", str(spec)], log)
+    try:
+        _wait_for(
+            "one trial finished and another mid-way",
+            lambda: books.runs("FINISHED") and books.in_progress(),
+            proc,
+            log,
+        )
+        finished = books.runs("FINISHED")
+        mtimes = books.state_mtimes(finished)
+        os.kill(proc.pid, sig)  # the driver only, as `kill` or Ctrl-C would
+        rc = proc.wait(timeout=120)
+    finally:
+        _cleanup(proc)
+    out = log.read_text()
+    if sig == signal.SIGINT:
+        assert rc == 130, out[-3000:]
+        assert f"resume with: sweep resume {name} --storage" in out
+        # an interrupted sweep shows nothing as RUNNING: those runs are KILLED until resumed
+        assert not books.runs("RUNNING")
+        assert books.runs("KILLED")
+    else:
+        assert rc == -signal.SIGKILL
+    assert len(books.runs()) < 4  # it really was stopped before the end
+
+    log2 = tmp_path / "resume.log"
+    resumed = _start(["resume", name, "--storage", str(tmp_path / "sweeps")], log2)
+    try:
+        assert resumed.wait(timeout=600) == 0, log2.read_text()[-5000:]
+    finally:
+        _cleanup(resumed)
+    out2 = log2.read_text()
+    _check_complete(books, total=4)
+    # finished trials were not trained again: their checkpoints untouched, their runs the same
+    assert books.state_mtimes(finished) == mtimes
+    done_before = {r.info.run_id: r.info.end_time for r in finished}
+    after = {r.info.run_id: r.info.end_time for r in books.runs()}
+    assert all(after[k] == v for k, v in done_before.items())
+    assert "continuing from epoch" in out2  # the one mid-way went on from its checkpoint
+
+
+def test_sigkill_of_the_driver_then_resume_finishes_every_trial_exactly_once(tmp_path):
+    _interrupt_and_resume(tmp_path, "killed", signal.SIGKILL)
+
+
+def test_sigint_stops_cleanly_then_resume_finishes_every_trial_exactly_once(tmp_path):
+    _interrupt_and_resume(tmp_path, "interrupted", signal.SIGINT)
+
+
+def _trial_pid(books: Books) -> tuple[str, int] | None:
+    """A RUNNING trial with a checkpoint mid-way, and the pid of the worker running it."""
+    for key in books.in_progress():
+        for r in books.runs("RUNNING"):
+            if r.data.tags.get("config_key") == key and "worker_pid" in r.data.tags:
+                return r.info.run_id, int(r.data.tags["worker_pid"])
+    return None
+
+
+def test_a_killed_worker_continues_from_its_checkpoint_in_the_same_run(tmp_path):
+    spec = _spec(tmp_path, "worker")
+    books = Books(tmp_path, "worker")
+    log = tmp_path / "run.log"
+    proc = _start(["run", str(spec)], log)
+    try:
+        run_id, pid = _wait_for("a trial mid-way", lambda: _trial_pid(books), proc, log)
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        _cleanup(proc)
+    out = log.read_text()
+    _check_complete(books, total=4)
+    run = books.tracker().client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["worker_pid"]) != pid  # a new worker finished it...
+    assert "continuing from epoch" in out and run_id in out  # ...from the checkpoint
+    assert "retrying from its checkpoint" in out
+
+
+def test_a_trial_that_diverges_fails_with_reason_diverged_and_the_others_finish(tmp_path):
+    spec = _spec(
+        tmp_path,
+        "nan",
+        grid={"teacher_loss": ["ce"], "method": ["kd", "ce"], "train_attack": ["pgd"]},
+        method_search_space={"ce": {"lr": 1.0e30}},  # the loss becomes inf / NaN at once
+        budget={"trials_per_cell": 2, "epochs": 2, "grace_period": 2},
+    )
+    log = tmp_path / "run.log"
+    proc = subprocess.run(
+        SWEEP_CLI + ["run", str(spec)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    books = Books(tmp_path, "nan")
+    runs = books.runs()
+    by_method = {m: [r for r in runs if r.data.tags["method"] == m] for m in ("kd", "ce")}
+    assert len(by_method["kd"]) == 2 and len(by_method["ce"]) == 2
+    assert {r.info.status for r in by_method["kd"]} == {"FINISHED"}
+    for r in by_method["ce"]:
+        assert r.info.status == "FAILED"
+        assert r.data.tags["failure_reason"] == "diverged"
+    states = Counter(t.state.name for t in books.optuna_trials())
+    assert states == {"COMPLETE": 2, "FAIL": 2}
+    statuses = Counter(t["status"] for t in books.tune_trials())
+    assert statuses == {"TERMINATED": 2, "ERROR": 2}
+    assert "sweep nan finished: 4 trials, 2 failed" in proc.stdout
+    del log
