@@ -74,11 +74,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args.file, args.name)
     print(plan(spec), flush=True)
-    from .tune import SweepExists, run_sweep  # imports Ray: only once the file is known good
+    from .tune import NotEnoughResources, SweepExists, run_sweep  # Ray: once the file is good
 
     try:
         complete = run_sweep(spec, address=args.address)
-    except SweepExists as e:
+    except (SweepExists, NotEnoughResources) as e:
         return _fail(str(e))
     return 0 if complete else EXIT_INTERRUPTED
 

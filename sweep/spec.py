@@ -255,7 +255,11 @@ class BudgetSpec(StrictModel):
 
 class ResourcesSpec(StrictModel):
     cpus_per_trial: float = Field(1, gt=0)
-    gpus_per_trial: float = Field(0, ge=0)
+    gpus_per_trial: float = Field(
+        0,
+        ge=0,
+        description="a fraction (0.25: four trials share a GPU) or a whole number of GPUs",
+    )
     max_concurrent_trials: int | None = Field(None, gt=0, description="null = as many as fit")
     max_failures: int = Field(
         2,
@@ -263,6 +267,14 @@ class ResourcesSpec(StrictModel):
         description="times a crashed trial (an exception, a lost worker) is retried from its "
         "last checkpoint; a diverged trial is never retried",
     )
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _ray_gpu_amount(cls, v: float) -> float:
+        # Ray schedules fractions of one GPU or whole GPUs, nothing in between
+        if v > 1 and v != int(v):
+            raise ValueError(f"{v} GPUs: use a fraction below 1 (e.g. 0.25) or a whole number")
+        return v
 
 
 class StorageSpec(StrictModel):

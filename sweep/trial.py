@@ -431,6 +431,8 @@ def run_trial(
         method.load_state_dict(resume.get("method", {}))
         start = resume["epoch"]
     where = {"host": socket.gethostname(), "worker_pid": str(os.getpid()), **(where or {})}
+    if start:
+        where["resumed_from_epoch"] = str(start)
     run_id = _student_run(ctx, config, key, t_hash, run_before, where)
     logged = tracker.logged_steps(run_id) if run_before else {}
     if start:

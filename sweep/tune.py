@@ -323,16 +323,50 @@ def optuna_url(spec: SweepSpec) -> str:
     return spec.storage.optuna or f"sqlite:///{sweep_paths(spec)['sweep'] / 'optuna.db'}"
 
 
-def init_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS); else start an embedded Ray on loopback."""
-    if ray.is_initialized():
-        return
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start an embedded Ray on loopback.
+    True when Ray is embedded (this machine is all there is)."""
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return not address
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback (DESIGN §3.8)
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback (DESIGN §3.8)
+    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    return True
+
+
+class NotEnoughResources(Exception):
+    pass
+
+
+def check_resources(spec: SweepSpec, embedded: bool) -> None:
+    """A trial asking for more than any node has would wait forever: say so before it starts.
+    On a cluster that may still scale up (no node fits *now*) this is only a warning."""
+    res = spec.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    best_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    problems = []
+    if res.gpus_per_trial > best_gpu:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        problems.append(
+            f"resources.gpus_per_trial is {res.gpus_per_trial:g} but no node has more than "
+            f"{best_gpu:g} GPUs{seen}"
+        )
+    if res.cpus_per_trial > best_cpu:
+        problems.append(
+            f"resources.cpus_per_trial is {res.cpus_per_trial:g} but no node has more than "
+            f"{best_cpu:g} CPUs"
+        )
+    if not problems:
+        return
+    if embedded:
+        raise NotEnoughResources("; ".join(problems))
+    for p in problems:
+        print(f"warning: {p}; trials wait until the cluster has such a node", flush=True)
 
 
 def _finalize_early_stopped(ctx: SweepContext, results: Any) -> int:
@@ -394,6 +428,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
             f"  start over:    delete {paths['sweep']} (and its MLflow experiment), or run "
             f"under a new name: sweep run FILE --name NEW"
         )
+    check_resources(spec, embedded=init_ray(address))  # before anything is written
     paths["sweep"].mkdir(parents=True, exist_ok=True)
     (paths["sweep"] / "sweep.yaml").write_text(dump_spec(spec))
 
@@ -426,7 +461,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         flush=True,
     )
     ctx = SweepContext(spec, str(paths["sweep"]), teacher_store(spec), uri, experiment, parent)
-    init_ray(address)
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
     run_config.callbacks = [Progress(ctx, total)]
@@ -470,7 +504,7 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
-    init_ray(address)
+    check_resources(spec, embedded=init_ray(address))
     _snapshot_often()
     trainable_, _ = _tuner_parts(spec, ctx)
     tuner = tune.Tuner.restore(
