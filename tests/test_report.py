@@ -1,0 +1,481 @@
+"""`sweep report`: tables, summary and plots of real tiny sweeps (real Ray, Optuna and MLflow).
+
+Two sweeps, shared by the tests: one on a SQLite store (the default), one against a real
+`mlflow server`. States a stopped sweep leaves behind (a trial never started, one
+still RUNNING, seed repeats of a configuration) are made with the real MLflow client on the
+finished sweep and undone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from conftest import tiny_spec_dict
+from mlflow.tracking import MlflowClient
+
+from sweep.report import best_configs, pareto_front, study_name, write_report
+
+pytestmark = pytest.mark.integration
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CELLS = ["ce.kd.none", "mse.kd.none"]
+ATTACKS = ["fgsm", "pgd5"]
+PROMISED = [
+    "run_id",
+    "run_name",
+    "status",
+    "cell",
+    "teacher_loss",
+    "method",
+    "train_attack",
+    "optuna_trial",
+    "seed",
+    "epochs_trained",
+    "failure_reason",
+    "param.temperature",
+    "param.alpha",
+    "param.seed",
+    "val/clean_acc",
+    "val/robust_acc",
+    "val/loss",
+    "test/clean_acc",
+    "test/robust_acc/fgsm",
+    "test/robust_acc/pgd5",
+]
+
+
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sweep.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _start_sweep(tmp_path: Path, name: str, grid: dict, **over: object) -> subprocess.Popen:
+    """A tiny sweep in the background: 2 cells x 2 trials x 1 epoch, 60 validation and test
+    examples; its output goes to `<name>.log`."""
+    spec = tiny_spec_dict(
+        tmp_path,
+        name=name,
+        grid=grid,
+        teacher={"epochs": 1},
+        search_space={"temperature": {"type": "float", "low": 1.0, "high": 4.0}},
+        budget={"trials_per_cell": 2, "epochs": 1, "grace_period": 1},
+        evaluation={
+            "attacks": ATTACKS,
+            "val_attack": "pgd2",
+            "val_examples": 60,
+            "test_examples": 60,
+        },
+        **over,
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sweep.cli", "run", f"{name}.yaml"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stopped with its Ray processes if the test gives up
+        )
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-5000:]
+
+
+def _snapshot(client: MlflowClient, exp_id: str, optuna_url: str) -> dict:
+    """Everything a report must leave as it was: every run's status, params, tags, metrics,
+    and every Optuna trial."""
+    runs = {
+        r.info.run_id: (r.info.status, r.data.params, r.data.tags, r.data.metrics)
+        for r in client.search_runs([exp_id], max_results=1000)
+    }
+    storage = optuna.storages.RDBStorage(optuna_url)
+    studies = {
+        s: [
+            (t.number, t.state, t.values, t.params)
+            for t in optuna.load_study(study_name=s, storage=storage).trials
+        ]
+        for s in optuna.get_all_study_names(storage)
+    }
+    return {"runs": runs, "studies": studies}
+
+
+@pytest.fixture(scope="module")
+def finished(sweeps):
+    """The SQLite sweep `rep` (ce and mse teachers, kd, no training attack), reported once
+    through the CLI."""
+    tmp = sweeps.local
+    storage = tmp / "sweeps"
+    state = json.loads((storage / "rep" / "state.json").read_text())
+    client = MlflowClient(state["mlflow_tracking_uri"])
+    before = _snapshot(client, state["experiment_id"], state["optuna"])
+    r = _cli(tmp, "report", "rep", "--storage", str(storage))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return SimpleNamespace(
+        tmp=tmp,
+        storage=storage,
+        out=storage / "rep" / "report",
+        stdout=r.stdout,
+        state=state,
+        client=client,
+        exp_id=state["experiment_id"],
+        parent=state["parent_run_id"],
+        before=before,
+    )
+
+
+def _students(client: MlflowClient, exp_id: str, extra: str = "") -> list:
+    flt = "tags.kind = 'student'" + (f" and {extra}" if extra else "")
+    return client.search_runs([exp_id], flt, max_results=1000)
+
+
+def _row(summary: str, cell: str) -> str:
+    """The best-configuration table's row of `cell`."""
+    return next(ln for ln in summary.splitlines() if ln.startswith(f"| {cell} |"))
+
+
+def _val_best(runs: list, cell: str):
+    """Independently of the report: the cell's finished run with the highest val/robust_acc,
+    the earliest Optuna trial on a tie."""
+    mine = [r for r in runs if r.data.tags["cell"] == cell and r.info.status == "FINISHED"]
+    return max(
+        mine,
+        key=lambda r: (r.data.metrics["val/robust_acc"], -int(r.data.tags["optuna_trial"])),
+    )
+
+
+def _assert_real_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5000, path
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 200, img.shape
+    assert img[..., :3].std() > 0.01, f"{path} is blank"  # axes, points, text were drawn
+
+
+# --- a finished sweep -------------------------------------------------------------------------
+def test_table_has_one_row_per_trial_with_the_promised_columns(finished):
+    runs = _students(finished.client, finished.exp_id)
+    assert len(runs) == 4
+    df = pd.read_parquet(finished.out / "trials.parquet")
+    csv = pd.read_csv(finished.out / "trials.csv")
+    assert sorted(df["run_id"]) == sorted(r.info.run_id for r in runs)  # no teacher, no parent
+    assert list(csv.columns) == list(df.columns) and len(csv) == len(df)
+    assert set(PROMISED) <= set(df.columns), set(PROMISED) - set(df.columns)
+    assert df["optuna_trial"].dtype == "Int64" and df["param.temperature"].dtype == float
+    by_id = df.set_index("run_id")
+    for r in runs:
+        row = by_id.loc[r.info.run_id]
+        assert row["cell"] == r.data.tags["cell"] and row["status"] == "FINISHED"
+        assert row["run_name"] == r.info.run_name and row["epochs_trained"] == 1
+        assert row["seed"] == int(r.data.params["seed"])
+        assert row["param.temperature"] == pytest.approx(float(r.data.params["temperature"]))
+        for m in ("val/robust_acc", "test/clean_acc", "test/robust_acc/pgd5"):
+            assert row[m] == pytest.approx(r.data.metrics[m])
+    assert list(df["cell"]) == ["ce.kd.none"] * 2 + ["mse.kd.none"] * 2  # grid order
+
+
+def test_summary_names_every_cell_and_its_best_by_validation(finished):
+    summary = (finished.out / "summary.md").read_text()
+    runs = _students(finished.client, finished.exp_id)
+    best = {}
+    for cell in CELLS:
+        b = best[cell] = _val_best(runs, cell)
+        row = _row(summary, cell)
+        assert f"`{b.info.run_name}`" in row
+        cols = [c.strip() for c in row.strip("|").split("|")]
+        assert cols[2] == "1" and cols[3] == f"{b.data.metrics['val/robust_acc']:.4f}"
+        assert cols[4:7] == [
+            f"{100 * b.data.metrics[m]:.2f}"
+            for m in ("test/clean_acc", "test/robust_acc/fgsm", "test/robust_acc/pgd5")
+        ]
+    # teacher-loss comparison: mse's gain over ce, in percentage points
+    gain = next(ln for ln in summary.splitlines() if ln.startswith("| none | mse |"))
+    m = "test/clean_acc"
+    expected = 100 * (best["mse.kd.none"].data.metrics[m] - best["ce.kd.none"].data.metrics[m])
+    assert gain.split("|")[3].strip() == f"{expected:+.2f}"
+    assert "## Missing" in summary and "Nothing: every trial finished." in summary
+    assert "| ce |" in summary and "| mse |" in summary  # the teachers table
+    assert str(finished.out) in finished.stdout and "nothing missing" in finished.stdout
+
+
+def test_plots_are_real_images(finished):
+    _assert_real_png(finished.out / "pareto.png")
+    for cell in CELLS:
+        _assert_real_png(finished.out / "history" / f"{cell}.png")
+    assert len(list((finished.out / "history").iterdir())) == len(CELLS)
+
+
+def test_parent_run_holds_the_report_and_nothing_else_changed(finished):
+    client = finished.client
+    names = {a.path for a in client.list_artifacts(finished.parent, "report")}
+    assert {
+        "report/trials.parquet",
+        "report/trials.csv",
+        "report/summary.md",
+        "report/pareto.png",
+        "report/history",
+    } <= names
+    history = {a.path for a in client.list_artifacts(finished.parent, "report/history")}
+    assert history == {f"report/history/{c}.png" for c in CELLS}
+    got = Path(client.download_artifacts(finished.parent, "report/pareto.png", str(finished.tmp)))
+    assert got.read_bytes()[:8] == PNG_SIGNATURE
+    after = _snapshot(client, finished.exp_id, finished.state["optuna"])
+    assert after == finished.before  # read-only: no run, tag, metric or Optuna trial touched
+
+
+def test_best_is_chosen_on_validation_and_repeats_average(finished):
+    """On the real table: a test number never moves the choice, a validation number does, and
+    the runs of one configuration (a trial and its seed repeats) give mean ± std over n."""
+    from sweep.status import open_sweep
+
+    _, _, spec = open_sweep("rep", finished.storage)
+    df = pd.read_parquet(finished.out / "trials.parquet")
+    cell = df[df["cell"] == "ce.kd.none"].copy()
+    val_best = cell.loc[cell["val/robust_acc"].idxmax(), "run_id"]
+    other = cell.index[cell["run_id"] != val_best][0]
+    cell.loc[other, ["test/clean_acc", "test/robust_acc/fgsm", "test/robust_acc/pgd5"]] = 1.0
+    best = best_configs(spec, cell)["ce.kd.none"]
+    assert best.config == cell.loc[cell["run_id"] == val_best, "config"].item()
+    assert best.n == 1 and best.mean["test/clean_acc"] < 1.0
+    cell.loc[other, "val/robust_acc"] = 2.0  # now the other one wins on validation
+    assert best_configs(spec, cell)["ce.kd.none"].config == cell.loc[other, "config"]
+
+    # a repeat of the winner with a worse validation value stays one configuration of n=2
+    winner = cell.loc[other]
+    repeat = winner.copy()
+    repeat[["run_id", "repeat", "val/robust_acc", "test/clean_acc"]] = ["r1", 1, 0.0, 0.5]
+    both = pd.concat([cell, repeat.to_frame().T], ignore_index=True)
+    both["repeat"] = both["repeat"].astype("Int64")
+    b = best_configs(spec, both)["ce.kd.none"]
+    assert b.config == winner["config"] and b.n == 2 and b.score == 2.0
+    assert b.mean["test/clean_acc"] == pytest.approx(0.75)
+    assert b.std["test/clean_acc"] == pytest.approx(pd.Series([1.0, 0.5]).std())
+
+
+def test_pareto_front_and_study_names():
+    from sweep.tune import study_name as tune_study_name
+
+    pts = [(1.0, 3.0), (2.0, 2.0), (1.5, 1.0), (3.0, 0.0), (2.0, 1.5)]
+    assert pareto_front(pts) == [(1.0, 3.0), (2.0, 2.0), (3.0, 0.0)]
+    assert study_name("s", "ce.kd.pgd") == tune_study_name("s", "ce.kd.pgd")
+
+
+def test_missing_sweep_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no sweep 'nosuch'"):
+        write_report("nosuch", tmp_path)
+    assert not (tmp_path / "nosuch").exists()
+
+
+# --- states of a stopped or extended sweep, made with the real client and undone ---------------
+@contextmanager
+def _stopped(client: MlflowClient, runs: dict) -> object:
+    """`ce.kd.none#0` never started (its run deleted) and `ce.kd.none#1` still RUNNING."""
+    never, running = runs["ce.kd.none#0"], runs["ce.kd.none#1"]
+    client.delete_run(never.info.run_id)
+    client.update_run(running.info.run_id, status="RUNNING")
+    try:
+        yield
+    finally:
+        client.restore_run(never.info.run_id)
+        client.set_terminated(running.info.run_id, status="FINISHED")
+
+
+def test_report_on_a_stopped_sweep_names_what_is_missing(finished):
+    client = finished.client
+    runs = {r.info.run_name: r for r in _students(client, finished.exp_id)}
+    out = finished.tmp / "stopped-report"
+    with _stopped(client, runs):
+        printed = write_report("rep", finished.storage, out=out)
+    summary = (out / "summary.md").read_text()
+    missing = summary.split("## Missing", 1)[1]
+    assert "3 of 4 planned trials" in missing and "`ce.kd.none` 1/2" in missing
+    assert "`ce.kd.none`: no finished trial (1 RUNNING)" in missing
+    assert "`ce.kd.none#1` is RUNNING, at epoch 1" in missing
+    assert "mse.kd.none" not in missing  # its two trials finished
+    assert "no finished trial" in _row(summary, "ce.kd.none")
+    assert "`ce.kd.none` has no finished trial yet: no comparison" in summary
+    assert f"`{_val_best(list(runs.values()), 'mse.kd.none').info.run_name}`" in _row(
+        summary, "mse.kd.none"
+    )
+    df = pd.read_parquet(out / "trials.parquet")
+    assert len(df) == 3 and sorted(df["status"]) == ["FINISHED", "FINISHED", "RUNNING"]
+    _assert_real_png(out / "pareto.png")
+    assert "missing (" in printed and "3 of 4 planned trials" in printed
+
+
+def test_seed_repeats_are_reported_as_one_configuration(finished):
+    """Tag mse.kd.none#0 as repeat 1 of #1's configuration (what a re-run with a new seed
+    carries): the report averages the two runs and names the configuration once."""
+    client = finished.client
+    runs = {r.info.run_name: r for r in _students(client, finished.exp_id)}
+    tuned, rerun = runs["mse.kd.none#1"], runs["mse.kd.none#0"]
+    key = tuned.data.tags["config_key"]
+    old = rerun.data.tags["config_key"]
+    client.set_tag(rerun.info.run_id, "config_key", key)
+    client.set_tag(rerun.info.run_id, "repeat", "1")
+    try:
+        write_report("rep", finished.storage, out=finished.tmp / "repeats")
+    finally:
+        client.set_tag(rerun.info.run_id, "config_key", old)
+        client.delete_tag(rerun.info.run_id, "repeat")
+    summary = (finished.tmp / "repeats" / "summary.md").read_text()
+    cols = [c.strip() for c in _row(summary, "mse.kd.none").strip("|").split("|")]
+    clean = [r.data.metrics["test/clean_acc"] for r in (tuned, rerun)]
+    mean, std = 100 * pd.Series(clean).mean(), 100 * pd.Series(clean).std()
+    assert cols[2] == "2" and cols[4] == f"{mean:.2f} ± {std:.2f}"
+    assert cols[3] == f"{tuned.data.metrics['val/robust_acc']:.4f}"  # chosen on the tuned trial
+    df = pd.read_parquet(finished.tmp / "repeats" / "trials.parquet").set_index("run_name")
+    assert df.loc["mse.kd.none#0", "repeat"] == 1 and df.loc["mse.kd.none#0", "config"] == key
+
+
+# --- against a real MLflow tracking server -----------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow server not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _start_server(tmp: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on loopback: SQLite backend, artifacts proxied into `tmp/artifacts`."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--workers", "1"]
+    cmd += ["--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts"]
+    with open(tmp / "server.log", "w") as log:
+        # its own process group: its workers are stopped with it
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started in its own group, and everything it started."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    """Both tiny sweeps: `rep` on a SQLite store in `local/`, then `srv` (kd with a ce teacher,
+    and the teacher-free ce baseline) logged to a real `mlflow server` in `server/`. The server
+    starts while `rep` runs; the sweeps run one after the other, as two Ray clusters started
+    together on one machine interfered here (lost objects, a failed exit)."""
+    root = tmp_path_factory.mktemp("report")
+    local, remote = root / "local", root / "server"
+    remote.mkdir()
+    url = f"http://127.0.0.1:{_free_port()}"
+    started = [_start_server(remote, int(url.rsplit(":", 1)[1]))]
+    try:
+        grid = {"teacher_loss": ["ce", "mse"], "method": ["kd"], "train_attack": ["none"]}
+        started.append(_start_sweep(local, "rep", grid))
+        _finish(started[1], local / "rep.log")
+        _wait_healthy(url, started[0], remote / "server.log")
+        grid = {"teacher_loss": ["ce"], "method": ["kd", "ce"], "train_attack": ["none"]}
+        storage = {"path": str(remote / "sweeps"), "mlflow_tracking_uri": url}
+        started.append(_start_sweep(remote, "srv", grid, storage=storage))
+        _finish(started[2], remote / "srv.log")
+        server = SimpleNamespace(tmp=remote, url=url, storage=remote / "sweeps")
+        yield SimpleNamespace(local=local, server=server)
+    finally:
+        for proc in reversed(started):  # sweeps left running by a failure, then the server
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server_sweep(sweeps):
+    return sweeps.server
+
+
+def _ui_search(url: str, exp_id: str, flt: str) -> list[dict]:
+    """The request the MLflow UI's runs table sends."""
+    body = json.dumps({"experiment_ids": [exp_id], "filter": flt, "max_results": 100})
+    req = urllib.request.Request(
+        f"{url}/ajax-api/2.0/mlflow/runs/search",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read()).get("runs", [])
+
+
+def test_a_sweep_on_an_mlflow_server_shows_its_trials_and_report(server_sweep):
+    client = MlflowClient(server_sweep.url)
+    exp = client.get_experiment_by_name("srv")
+    runs = _students(client, exp.experiment_id)
+    assert sorted(r.data.tags["cell"] for r in runs) == sorted(["ce.kd.none", "none.ce.none"] * 2)
+    assert len({r.data.tags["optuna_trial"] + r.data.tags["cell"] for r in runs}) == 4
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        tags = r.data.tags
+        assert tags["sweep"] == "srv" and tags["cell"].split(".") == [
+            tags["teacher_loss"],
+            tags["method"],
+            tags["train_attack"],
+        ]
+        assert {"seed", "method", "teacher_loss", "epochs", "dataset"} <= set(r.data.params)
+        assert {"val/robust_acc", "val/clean_acc", "test/clean_acc"} | {
+            f"test/robust_acc/{a}" for a in ATTACKS
+        } <= set(r.data.metrics)
+    kd = _students(client, exp.experiment_id, "tags.method = 'kd'")
+    assert len(kd) == 2 and {r.data.tags["method"] for r in kd} == {"kd"}
+    assert "temperature" in kd[0].data.params
+    ui = _ui_search(server_sweep.url, exp.experiment_id, "tags.method = 'ce'")
+    assert len(ui) == 2 and all({"key": "method", "value": "ce"} in r["data"]["tags"] for r in ui)
+
+    printed = write_report("srv", server_sweep.storage)
+    assert "nothing missing" in printed
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'sweep'")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/summary.md", "report/trials.parquet", "report/pareto.png"} <= names
+    history = {a.path for a in client.list_artifacts(parent.info.run_id, "report/history")}
+    assert history == {"report/history/ce.kd.none.png", "report/history/none.ce.none.png"}
+    summary = Path(
+        client.download_artifacts(parent.info.run_id, "report/summary.md", str(server_sweep.tmp))
+    ).read_text()
+    assert "### ce\n\nNo teacher: not compared." in summary
+    assert "| none.ce.none |" in summary and "| ce.kd.none |" in summary
