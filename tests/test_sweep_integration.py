@@ -13,6 +13,8 @@ import yaml
 from conftest import tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
+from sweep.spec import parse_spec
+
 pytestmark = pytest.mark.integration
 
 
@@ -144,12 +146,17 @@ def test_each_cell_has_its_own_optuna_study_filled_to_budget(tiny_sweep):
         assert all(0 <= t.value <= 1 for t in trials)
 
 
-def test_tune_ran_one_experiment_with_checkpoints(tiny_sweep):
+def test_tune_ran_one_experiment_and_every_trial_checkpointed(tiny_sweep):
     tmp_path, _, _ = tiny_sweep
-    tune_dir = tmp_path / "sweeps" / "tiny" / "tune"
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    tune_dir = sweep_dir / "tune"
     trial_dirs = [d for d in tune_dir.iterdir() if d.is_dir() and d.name.startswith("trainable")]
     assert len(trial_dirs) == 8
-    assert all(any(p.name.startswith("checkpoint_") for p in d.iterdir()) for d in trial_dirs)
+    # the trials' own checkpoints (checkpoints.py), one per cell and index, at the last epoch
+    states = sorted(sweep_dir.glob("trials/*/*/state.pt"))
+    assert len(states) == 8
+    cells = parse_spec(yaml.safe_load((tmp_path / "tiny.yaml").read_text())).cells()
+    assert {p.parent.parent.name for p in states} == {c.key for c in cells}
 
 
 def test_same_file_and_seed_give_same_metrics_and_reuse_teachers(tiny_sweep):
