@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +54,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .space import is_searched
 from .spec import SweepSpec
-from .status import open_sweep
+from .status import open_sweep, study_name
 from .tracking import Tracker
 
 FIXED_COLUMNS = [
@@ -83,12 +81,6 @@ METRIC_PREFIXES = ("train/", "val/", "test/", "final/")
 INT_COLUMNS = ("optuna_trial", "seed", "epochs_trained", "repeat")
 REFERENCE_TEACHER = "ce"
 MAX_PAGE = 50000  # MLflow's per-call ceiling: one call for any realistic sweep
-
-
-def study_name(sweep: str, cell_key: str) -> str:
-    """As `sweep.tune.study_name` (a test checks they agree); not imported from there because
-    importing sweep.tune imports Ray, which would double the start-up time of a report."""
-    return f"{sweep}/{cell_key}"
 
 
 # --- reading the sweep ------------------------------------------------------------------------
@@ -624,12 +616,7 @@ def plot_history(
 def log_to_parent(tracker: Tracker, run_id: str, out: Path, files: list[Path]) -> None:
     """Exactly the files written now, under `report/`, in one upload (the `out` folder may hold
     other things when the user chose it)."""
-    with tempfile.TemporaryDirectory() as d:
-        for f in files:
-            dst = Path(d) / f.relative_to(out)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst)
-        tracker.client.log_artifacts(run_id, d, artifact_path="report")
+    tracker.log_artifacts(run_id, {str(f.relative_to(out)): f for f in files}, path="report")
 
 
 def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | None = None) -> str:

@@ -14,6 +14,22 @@ import yaml
 from .spec import SweepSpec, parse_spec
 
 
+def study_name(sweep: str, cell_key: str) -> str:
+    """The Optuna study of one grid cell (all cells' studies share one storage)."""
+    return f"{sweep}/{cell_key}"
+
+
+def ended_trials(sweep: str, optuna_url: str) -> int:
+    """Trials of `sweep` that Optuna saw end (complete, pruned or failed)."""
+    storage = optuna.storages.RDBStorage(optuna_url)
+    n = 0
+    for s in optuna.get_all_study_summaries(storage):
+        if s.study_name.startswith(study_name(sweep, "")):
+            study = optuna.load_study(study_name=s.study_name, storage=storage)
+            n += sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    return n
+
+
 def open_sweep(name: str, storage: str | Path = "./sweeps") -> tuple[Path, dict, SweepSpec]:
     """A started sweep's folder, its state.json (MLflow, Optuna) and its resolved spec."""
     sweep_dir = Path(storage).expanduser().resolve() / name
@@ -38,7 +54,7 @@ def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
         f"{'cell':<28} {'done':>5} {'stopped':>8} {'running':>8} {'failed':>7} {'todo':>5}  best",
     ]
     for cell in spec.cells():
-        sname = f"{name}/{cell.key}"
+        sname = study_name(name, cell.key)
         trials = []
         if sname in existing:
             trials = optuna.load_study(study_name=sname, storage=storage_obj).get_trials(

@@ -164,18 +164,22 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_artifacts(self, run_id: str, files: dict[str, bytes | str | Path]) -> None:
-        """`files` maps artifact names to contents (bytes/str) or local paths."""
+    def log_artifacts(
+        self, run_id: str, files: dict[str, bytes | str | Path], path: str | None = None
+    ) -> None:
+        """`files` maps artifact names (may hold folders: `history/a.png`) to contents
+        (bytes/str) or local paths; `path`: the run's folder to put them in."""
         with tempfile.TemporaryDirectory() as d:
             for name, content in files.items():
                 dst = Path(d) / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
                 if isinstance(content, Path):
                     dst.write_bytes(content.read_bytes())
                 elif isinstance(content, bytes):
                     dst.write_bytes(content)
                 else:
                     dst.write_text(content)
-            self.client.log_artifacts(run_id, d)
+            self.client.log_artifacts(run_id, d, artifact_path=path)
 
     def download_artifact(self, run_id: str, name: str, dst: str | Path) -> Path:
         return Path(self.client.download_artifacts(run_id, name, str(dst)))

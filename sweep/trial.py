@@ -503,7 +503,3 @@ def finalize_from_state(
     model = new_model(ctx.spec.student.arch, data, device)
     model.load_state_dict(state["model"])
     return finalize(ctx, model, data, state["mlflow_run_id"], state["epoch"])
-
-
-def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint_dir) / "state.pt", map_location="cpu", weights_only=True)

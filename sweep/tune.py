@@ -28,6 +28,7 @@ from ray.tune.search import Searcher
 from .checkpoints import FAILED, STOPPED, trial_key
 from .space import is_searched
 from .spec import SweepSpec, dump_spec
+from .status import ended_trials, study_name
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
 from .trial import SweepContext, finalize_from_state, run_trial
 
@@ -36,10 +37,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 class SweepExists(Exception):
     pass
-
-
-def study_name(spec_name: str, cell_key: str) -> str:
-    return f"{spec_name}/{cell_key}"
 
 
 def make_sampler(spec: SweepSpec, cell_index: int) -> optuna.samplers.BaseSampler:
@@ -381,7 +378,7 @@ def _finalize_early_stopped(ctx: SweepContext, results: Any) -> int:
             continue
         key = trial_key(r.config)
         run_id = checkpoints.run_id(key)
-        if run_id and tracker.status(run_id) != "FINISHED" and checkpoints.state(key):
+        if run_id and tracker.status(run_id) != "FINISHED":  # it reported: it checkpointed
             todo.append((r.config, key))
     if not todo:
         return 0
@@ -498,7 +495,7 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     tracker = ctx.tracker()
     tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total = len(spec.cells()) * spec.budget.trials_per_cell
-    done = _finished_trials(spec, state["optuna"])
+    done = ended_trials(spec.name, state["optuna"])
     print(
         f"resuming sweep {name}: {done} of {total} trials ended before\n"
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
@@ -519,18 +516,6 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     return _fit(ctx, tuner, total, sweep_dir.parent, state["optuna"])
 
 
-def _finished_trials(spec: SweepSpec, optuna_url_: str) -> int:
-    storage = optuna.storages.RDBStorage(optuna_url_)
-    n = 0
-    for s in optuna.get_all_study_summaries(storage):
-        if s.study_name.startswith(f"{spec.name}/"):
-            trials = optuna.load_study(study_name=s.study_name, storage=storage).get_trials(
-                deepcopy=False
-            )
-            n += sum(t.state.is_finished() for t in trials)
-    return n
-
-
 def _fit(ctx: SweepContext, tuner: tune.Tuner, total: int, root: Path, optuna_db: str) -> bool:
     """Run (or continue) the experiment; end the parent run, or on an interruption leave
     nothing looking RUNNING and say how to go on."""
@@ -538,7 +523,7 @@ def _fit(ctx: SweepContext, tuner: tune.Tuner, total: int, root: Path, optuna_db
     results = tuner.fit()
     # Optuna hears of every trial's end (complete, pruned, failed) from the searcher; on Ctrl-C
     # Tune saves its state and stops the running trials, which stay RUNNING there
-    ended = _finished_trials(spec, optuna_db)
+    ended = ended_trials(spec.name, optuna_db)
     if ended < total:
         killed = tracker.close_running(spec.name, "KILLED", "sweep interrupted")
         tracker.finish(ctx.parent_run_id, "KILLED")
