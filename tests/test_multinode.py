@@ -46,18 +46,22 @@ def _student_runs(tracker: Tracker) -> list:
 
 
 def _stop_worker_node_mid_trial(cluster, worker, spec, tracker_uri, seen: dict) -> None:
-    """Wait until a trial on the second node has checkpointed an epoch, note where every
-    running trial is, then take the node away."""
+    """Wait until trials run on both nodes and one on the second node has logged an epoch
+    (so it has a checkpoint), note the nodes, then take the second node away."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             runs = _student_runs(Tracker(tracker_uri, spec.name))
         except Exception:  # the experiment does not exist yet
             runs = []
+        nodes = {x.data.tags.get("ray_node_id") for x in runs} - {None}
+        if len(nodes) < 2:  # a trial waiting for the teacher has no run yet
+            time.sleep(0.25)
+            continue
         for r in runs:
             on_worker = r.data.tags.get("ray_node_id") == worker.node_id
             if on_worker and r.info.status == "RUNNING" and "val/clean_acc" in r.data.metrics:
-                seen["nodes"] = {x.data.tags.get("ray_node_id") for x in runs}
+                seen["nodes"] = nodes
                 seen["run_id"] = r.info.run_id
                 cluster.remove_node(worker)
                 return
@@ -87,7 +91,7 @@ def test_a_sweep_on_two_nodes_survives_losing_one(tmp_path, two_nodes):
     assert "timeout" not in seen, "no trial ever ran on the second node"
 
     # trials ran on both nodes (seen while both were up)
-    assert worker.node_id in seen["nodes"] and len(seen["nodes"] - {None}) == 2
+    assert worker.node_id in seen["nodes"] and len(seen["nodes"]) == 2
     tracker = Tracker(uri, "twonodes")
     runs = _student_runs(tracker)
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
