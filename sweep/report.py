@@ -301,6 +301,10 @@ def best_configs(spec: SweepSpec, df: pd.DataFrame) -> dict[str, Best]:
     metrics = [m for m in reported_metrics(spec, df) if m in df]
     out: dict[str, Best] = {}
     for cell, rows in done.groupby("cell", sort=False):
+        # as the sweep chose for its repeats: among trials that trained the whole budget (an
+        # early-stopped trial's value is from an earlier epoch), unless there are none
+        full = rows[rows["epochs_trained"] >= spec.budget.epochs]
+        rows = full if len(full) else rows
         scored = [(_config_score(g, obj.metric), k, g) for k, g in rows.groupby("config")]
         sign = -1 if obj.mode == "max" else 1
         # ties: the configuration the sweep tried first
@@ -478,6 +482,18 @@ def missing_lines(data: SweepData, df: pd.DataFrame, best: dict[str, Best]) -> l
     if "test/clean_acc" in df:
         for _, r in done[done["test/clean_acc"].isna()].iterrows():
             out.append(f"trial `{r['run_name']}` is FINISHED but has no test metrics.")
+    if spec.repeats:
+        repeats = df[df["repeat"].fillna(0) > 0]
+        for c in cells:
+            if c.key not in best:  # said above: no finished trial, nothing to repeat
+                continue
+            got = repeats[repeats["cell"] == c.key]
+            ok = int((got["status"] == "FINISHED").sum())
+            if ok < spec.repeats:
+                out.append(
+                    f"`{c.key}`: {ok} of {spec.repeats} seed repeats of its best configuration "
+                    f"finished ({len(got)} started)."
+                )
     no_study = [c.key for c in cells if c.key not in data.studies]
     if no_study:
         out.append(f"no Optuna study (no history plot) for: {', '.join(no_study)}.")
@@ -495,7 +511,9 @@ def summary_markdown(
     lines = [
         f"# Sweep `{data.name}`",
         "",
-        f"- grid: {len(spec.cells())} cells × {spec.budget.trials_per_cell} trials, "
+        f"- grid: {len(spec.cells())} cells × {spec.budget.trials_per_cell} trials"
+        + (f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else "")
+        + ", "
         f"{spec.budget.epochs} epochs; dataset {spec.dataset.name}, student "
         f"{spec.student.arch}, {spec.threat.norm} eps {spec.threat.eps:.4g}",
         f"- objective: {obj.mode} `{obj.metric}` (validation split; test numbers never choose)",

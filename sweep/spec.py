@@ -311,6 +311,12 @@ class SweepSpec(StrictModel):
         Discriminator(lambda v: "many" if isinstance(v, list) else "one"),
     ] = Objective()
     budget: BudgetSpec = BudgetSpec()
+    repeats: int = Field(
+        0,
+        ge=0,
+        description="re-run each cell's best configuration (by the validation objective) with "
+        "this many new seeds once the cell's tuning has ended, for mean ± std in the report",
+    )
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     storage: StorageSpec = StorageSpec()
@@ -456,6 +462,14 @@ class SweepSpec(StrictModel):
 
     def teacher_seed(self) -> int:
         return self.seed if self.teacher.seed is None else self.teacher.seed
+
+    def tuning_trials(self) -> int:
+        return len(self.cells()) * self.budget.trials_per_cell
+
+    def repeat_seed(self, k: int) -> int:
+        """Seed of a cell's k-th repeat (1-based): after every tuning trial's seed (seed + index,
+        index < trials_per_cell), so a repeat never re-draws a seed the cell was tuned on."""
+        return self.seed + self.budget.trials_per_cell + k - 1
 
 
 @dataclass(frozen=True)

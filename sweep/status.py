@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import optuna
 import yaml
+from mlflow import MlflowClient
 
 from .spec import SweepSpec, parse_spec
 
@@ -28,6 +30,43 @@ def ended_trials(sweep: str, optuna_url: str) -> int:
             study = optuna.load_study(study_name=s.study_name, storage=storage)
             n += sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     return n
+
+
+def cells_with_best(spec: SweepSpec, optuna_url: str) -> int:
+    """Cells with a finished (COMPLETE) trial: each gets `repeats` seed repeats."""
+    storage = optuna.storages.RDBStorage(optuna_url)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    n = 0
+    for cell in spec.cells():
+        sname = study_name(spec.name, cell.key)
+        if sname in names:
+            trials = optuna.load_study(study_name=sname, storage=storage).get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
+            )
+            n += bool(trials)
+    return n
+
+
+def repeat_runs(client: MlflowClient, experiment_id: str, sweep: str) -> list[Any]:
+    """The student runs of `sweep` that are seed repeats (tagged `repeat`)."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.kind = 'student' and tags.sweep = '{sweep}' and tags.repeat LIKE '%'",
+        max_results=10000,
+    )
+
+
+def sweep_progress(
+    spec: SweepSpec, optuna_url: str, client: MlflowClient, experiment_id: str
+) -> tuple[int, int]:
+    """(trials ended, trials planned). Tuning trials end in Optuna; seed repeats are not
+    Optuna trials, so theirs is the MLflow run's end (finished or failed)."""
+    ended, planned = ended_trials(spec.name, optuna_url), spec.tuning_trials()
+    if spec.repeats:
+        planned += spec.repeats * cells_with_best(spec, optuna_url)
+        runs = repeat_runs(client, experiment_id, spec.name)
+        ended += sum(r.info.status in ("FINISHED", "FAILED") for r in runs)
+    return ended, planned
 
 
 def open_sweep(name: str, storage: str | Path = "./sweeps") -> tuple[Path, dict, SweepSpec]:
@@ -49,9 +88,16 @@ def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage_obj)}
     S = optuna.trial.TrialState
     obj = spec.objectives[0]
+    repeats: dict[str, list[Any]] = {}
+    if spec.repeats:
+        client = MlflowClient(state["mlflow_tracking_uri"])
+        for r in repeat_runs(client, state["experiment_id"], name):
+            repeats.setdefault(r.data.tags.get("cell", ""), []).append(r)
+    rep_col = f" {'repeats':>8}" if spec.repeats else ""
     lines = [
         f"sweep {name}: objective {obj.mode} {obj.metric}",
-        f"{'cell':<28} {'done':>5} {'stopped':>8} {'running':>8} {'failed':>7} {'todo':>5}  best",
+        f"{'cell':<28} {'done':>5} {'stopped':>8} {'running':>8} {'failed':>7} {'todo':>5}"
+        f"{rep_col}  best",
     ]
     for cell in spec.cells():
         sname = study_name(name, cell.key)
@@ -68,9 +114,13 @@ def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
             b = pick(done, key=lambda t: t.values[0])
             best = f"{b.values[0]:.4f} ({', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in b.params.items())})"
         todo = spec.budget.trials_per_cell - len(trials)
+        rep = ""
+        if spec.repeats:  # finished of planned
+            ok = sum(r.info.status == "FINISHED" for r in repeats.get(cell.key, []))
+            rep = f" {f'{ok}/{spec.repeats}':>8}"
         lines.append(
             f"{cell.key:<28} {count[S.COMPLETE]:>5} {count[S.PRUNED]:>8} "
-            f"{count[S.RUNNING]:>8} {count[S.FAIL]:>7} {todo:>5}  {best}"
+            f"{count[S.RUNNING]:>8} {count[S.FAIL]:>7} {todo:>5}{rep}  {best}"
         )
     lines.append(f"MLflow: {state['mlflow_tracking_uri']} experiment {state['experiment']}")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .attacks import run_attack
-from .checkpoints import FAILED, STOPPED, TrialCheckpoints, trial_key
+from .checkpoints import FAILED, STOPPED, TrialCheckpoints, config_key, trial_key, trial_label
 from .cmi import output_metrics
 from .data import Splits, load_splits, make_augmentation
 from .evaluate import accuracy, evaluate_suite, sanity_warnings
@@ -354,14 +354,16 @@ def _student_run(
     if resume_run:
         tracker.resume_run(resume_run, {"trial_id": config.get("trial_id", ""), **where})
         return resume_run
+    repeat = {"repeat": str(config["repeat"])} if config.get("repeat") else {}
     run_id = tracker.start_run(
-        f"{config['cell']}#{config['cell_index']}",
+        trial_label(config),
         params=trial_params(spec, config),
         tags={
             "kind": "student",
             "sweep": spec.name,
             "cell": config["cell"],
-            "config_key": key,
+            "config_key": config_key(config),
+            **repeat,
             "teacher_loss": config["teacher_loss"],
             "method": config["method"],
             "train_attack": config["train_attack"],

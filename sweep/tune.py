@@ -22,13 +22,13 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from .checkpoints import FAILED, STOPPED, trial_key
+from .checkpoints import FAILED, STOPPED, trial_key, trial_label
 from .space import is_searched
 from .spec import SweepSpec, dump_spec
-from .status import ended_trials, study_name
+from .status import study_name, sweep_progress
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
 from .trial import SweepContext, finalize_from_state, run_trial
 
@@ -63,6 +63,8 @@ class CellSearcher(Searcher):
         self.live: dict[str, tuple[str, int, int]] = {}  # tune id -> (cell, optuna id, number)
         self.next_cell = 0
         self.orphans: list[tuple[str, int]] = []  # (cell, optuna number) to hand out again
+        self.repeats: dict[str, int] = {c.key: 0 for c in self.cells}  # repeats handed out
+        self.no_best: set[str] = set()  # cells whose tuning ended without a finished trial
         self._reconciled = True
         self._studies: dict[str, optuna.Study] = {}
 
@@ -119,13 +121,67 @@ class CellSearcher(Searcher):
             cell = self.cells[(self.next_cell + i) % n]
             if len(self.handed[cell.key]) < budget:
                 self.next_cell = (self.next_cell + i + 1) % n
-                break
-        else:
-            return Searcher.FINISHED
+                space = self.spec.cell_space(cell.method)
+                dists = {k: v.distribution() for k, v in space.items() if is_searched(v)}
+                ot = self.study(cell.key).ask(dists)
+                return self._handout(trial_id, cell, ot.number, ot._trial_id, ot.params)
+        return self._suggest_repeat(trial_id)
+
+    def _suggest_repeat(self, trial_id: str) -> dict | str | None:
+        """Seed repeats of each cell's best configuration, once that cell's tuning has ended
+        (its best is final then). None while some cell still tunes: Tune asks again later."""
+        waiting = False
+        for cell in self.cells:
+            if self.repeats[cell.key] >= self.spec.repeats or cell.key in self.no_best:
+                continue
+            if not self._tuning_ended(cell.key):
+                waiting = True
+                continue
+            best = self.best_trial(cell.key)
+            if best is None:
+                self.no_best.add(cell.key)
+                continue
+            self.repeats[cell.key] += 1
+            config = self._config(cell, best.number, best.params)
+            return config | {
+                "seed": self.spec.repeat_seed(self.repeats[cell.key]),
+                "repeat": self.repeats[cell.key],
+                "trial_id": trial_id,
+            }
+        return None if waiting else Searcher.FINISHED
+
+    def _tuning_ended(self, key: str) -> bool:
+        if len(self.handed[key]) < self.spec.budget.trials_per_cell:
+            return False
+        numbers = set(self.handed[key])
+        trials = self.study(key).get_trials(deepcopy=False)
+        return all(t.state.is_finished() for t in trials if t.number in numbers)
+
+    def best_trial(self, key: str) -> optuna.trial.FrozenTrial | None:
+        """The cell's best finished trial by the first objective (ties: the one tried first),
+        as the report chooses it."""
+        done = [
+            t
+            for t in self.study(key).get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE
+        ]
+        if not done:
+            return None
+        sign = -1 if self.spec.objectives[0].mode == "max" else 1
+        return min(done, key=lambda t: (sign * t.values[0], t.number))
+
+    def _config(self, cell: Any, index: int, params: dict[str, Any]) -> dict[str, Any]:
         space = self.spec.cell_space(cell.method)
-        dists = {k: v.distribution() for k, v in space.items() if is_searched(v)}
-        ot = self.study(cell.key).ask(dists)
-        return self._handout(trial_id, cell, ot.number, ot._trial_id, ot.params)
+        return {
+            "cell": cell.key,
+            "teacher_loss": cell.teacher_loss,
+            "method": cell.method,
+            "train_attack": cell.train_attack,
+            "hp": {k: v for k, v in space.items() if not is_searched(v)} | params,
+            "seed": self.spec.seed + index,
+            "cell_index": index,
+            "optuna_number": index,
+        }
 
     def _handout(
         self, trial_id: str, cell: Any, index: int, ot_id: int, params: dict[str, Any]
@@ -134,19 +190,7 @@ class CellSearcher(Searcher):
         Optuna trial's number in the cell's study."""
         self.handed[cell.key].append(index)
         self.live[trial_id] = (cell.key, ot_id, index)
-        space = self.spec.cell_space(cell.method)
-        hp = {k: v for k, v in space.items() if not is_searched(v)} | params
-        return {
-            "cell": cell.key,
-            "teacher_loss": cell.teacher_loss,
-            "method": cell.method,
-            "train_attack": cell.train_attack,
-            "hp": hp,
-            "seed": self.spec.seed + index,
-            "cell_index": index,
-            "optuna_number": index,
-            "trial_id": trial_id,
-        }
+        return self._config(cell, index, params) | {"trial_id": trial_id}
 
     def _finished(self, key: str, ot_id: int) -> bool:
         return self.study(key)._storage.get_trial(ot_id).state.is_finished()
@@ -214,13 +258,17 @@ class CellASHA(FIFOScheduler):
         return self._per_cell[cell]
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._asha(trial).on_trial_add(tune_controller, trial)
+        if not trial.config.get("repeat"):  # repeats run their whole budget: never stopped
+            self._asha(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if trial.config.get("repeat"):
+            return TrialScheduler.CONTINUE
         return self._asha(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        self._asha(trial).on_trial_complete(tune_controller, trial, result)
+        if not trial.config.get("repeat"):
+            self._asha(trial).on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         asha = self._asha(trial)
@@ -265,7 +313,7 @@ class Progress(tune.Callback):
         shown = f"{metric}={val:.4f}" if isinstance(val, float) else "no result"
         print(
             f"[{self.done}/{self.total} trials, {time.time() - self.t0:.0f}s] "
-            f"{c.get('cell')}#{c.get('cell_index')} {what}: {shown} "
+            f"{trial_label(c) if c else trial.trial_id} {what}: {shown} "
             f"(epoch {r.get('epoch', 0)}/{self.spec.budget.epochs})",
             flush=True,
         )
@@ -282,7 +330,7 @@ class Progress(tune.Callback):
         if outcome and outcome["status"] == FAILED:  # the restart only re-raises the reason
             return
         print(
-            f"{c.get('cell')}#{c.get('cell_index')} failed, retrying from its checkpoint "
+            f"{trial_label(c)} failed, retrying from its checkpoint "
             f"({trial.num_failures}/{self.spec.resources.max_failures})",
             flush=True,
         )
@@ -433,7 +481,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     experiment = spec.storage.mlflow_experiment or spec.name
     tracker = Tracker(uri, experiment, default_artifact_root(uri, experiment))
     cells = spec.cells()
-    total = len(cells) * spec.budget.trials_per_cell
+    total = spec.tuning_trials() + len(cells) * spec.repeats  # repeats: at most one set a cell
     parent = tracker.start_run(
         spec.name,
         tags={"kind": "sweep", "sweep": spec.name},
@@ -452,9 +500,11 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
             indent=2,
         )
     )
+    repeats = f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else ""
     print(
-        f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials = {total} "
-        f"trials, {spec.budget.epochs} epochs each\nMLflow: {ui_hint(uri, tracker.experiment_id)}",
+        f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials"
+        f"{repeats} = {total} trials, {spec.budget.epochs} epochs each\n"
+        f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
     ctx = SweepContext(spec, str(paths["sweep"]), teacher_store(spec), uri, experiment, parent)
@@ -472,7 +522,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         ),
         run_config=run_config,
     )
-    return _fit(ctx, tuner, total, paths["root"], optuna_url(spec))
+    return _fit(ctx, tuner, paths["root"], optuna_url(spec))
 
 
 def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | None = None) -> bool:
@@ -494,8 +544,8 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     )
     tracker = ctx.tracker()
     tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    total = len(spec.cells()) * spec.budget.trials_per_cell
-    done = ended_trials(spec.name, state["optuna"])
+    total = spec.tuning_trials() + len(spec.cells()) * spec.repeats
+    done, _ = sweep_progress(spec, state["optuna"], tracker.client, tracker.experiment_id)
     print(
         f"resuming sweep {name}: {done} of {total} trials ended before\n"
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
@@ -513,22 +563,23 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     )
     # the pickled run config holds the first run's Progress (its clock and counts): replace it
     tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, total, done)]
-    return _fit(ctx, tuner, total, sweep_dir.parent, state["optuna"])
+    return _fit(ctx, tuner, sweep_dir.parent, state["optuna"])
 
 
-def _fit(ctx: SweepContext, tuner: tune.Tuner, total: int, root: Path, optuna_db: str) -> bool:
+def _fit(ctx: SweepContext, tuner: tune.Tuner, root: Path, optuna_db: str) -> bool:
     """Run (or continue) the experiment; end the parent run, or on an interruption leave
     nothing looking RUNNING and say how to go on."""
     spec, tracker = ctx.spec, ctx.tracker()
     results = tuner.fit()
-    # Optuna hears of every trial's end (complete, pruned, failed) from the searcher; on Ctrl-C
-    # Tune saves its state and stops the running trials, which stay RUNNING there
-    ended = ended_trials(spec.name, optuna_db)
-    if ended < total:
+    # Optuna hears of every tuning trial's end (complete, pruned, failed) from the searcher, a
+    # repeat's end is its finished run; on Ctrl-C Tune saves its state and stops the running
+    # trials, which stay RUNNING there
+    ended, planned = sweep_progress(spec, optuna_db, tracker.client, tracker.experiment_id)
+    if ended < planned:
         killed = tracker.close_running(spec.name, "KILLED", "sweep interrupted")
         tracker.finish(ctx.parent_run_id, "KILLED")
         print(
-            f"sweep {spec.name} interrupted: {ended} of {total} trials ended; "
+            f"sweep {spec.name} interrupted: {ended} of {planned} trials ended; "
             f"{len(killed)} runs marked KILLED until resumed\n"
             f"resume with: sweep resume {spec.name} --storage {root}",
             flush=True,

@@ -130,3 +130,87 @@ def test_after_a_restore_trials_asked_since_the_snapshot_are_handed_out_again_no
     assert all(states[k].state != optuna.trial.TrialState.RUNNING for k in lost_keys)
     running = [k for k, t in states.items() if t.state == optuna.trial.TrialState.RUNNING]
     assert len(running) == 3  # only `first`, whose reports the restored Tune still owes
+
+
+def _tell(s, trial_id, value, epoch=2):
+    s.on_trial_complete(trial_id, {"epoch": epoch, "val/robust_acc": value})
+
+
+def test_repeats_wait_for_the_cell_then_rerun_its_best_with_new_seeds(tmp_path):
+    """`repeats: 2`: nothing is repeated while a cell tunes; then its best COMPLETE trial (an
+    early-stopped trial with a higher value is not eligible) is handed out twice with seeds no
+    tuning trial used; repeats are not Optuna trials; a cell whose trials all failed gets
+    none, and the searcher finishes once every cell is settled."""
+    spec, s = _searcher(tmp_path, repeats=2)
+    tuned = {f"t{i}": s.suggest(f"t{i}") for i in range(8)}
+    assert s.suggest("early") is None  # every cell still tunes: wait, do not finish
+    by_cell: dict[str, list[str]] = {}
+    for tid, c in tuned.items():
+        by_cell.setdefault(c["cell"], []).append(tid)
+    first, second, *_ = [c.key for c in spec.cells()]
+    a0, a1 = by_cell[first]
+    _tell(s, a0, 0.9, epoch=1)  # stopped by ASHA: PRUNED, its value is from epoch 1
+    assert s.suggest("x") is None  # first cell has one trial still running
+    _tell(s, a1, 0.5)
+    r1, r2 = s.suggest("r1"), s.suggest("r2")
+    assert s.suggest("y") is None  # the other cells still tune
+    best = tuned[a1]
+    for k, r in enumerate((r1, r2), start=1):
+        assert r["cell"] == first and r["repeat"] == k
+        assert r["cell_index"] == best["cell_index"] and r["hp"] == best["hp"]
+        assert r["seed"] == spec.seed + spec.budget.trials_per_cell + k - 1
+    tuning_seeds = {c["seed"] for c in tuned.values()}
+    assert not tuning_seeds & {r1["seed"], r2["seed"]}
+
+    _tell(s, "r1", 0.1)  # a repeat's result is not told to Optuna
+    study = optuna.load_study(study_name=f"tiny/{first}", storage=s.optuna_url)
+    assert len(study.trials) == 2
+
+    for tid in by_cell[second]:  # all failed: no best to repeat
+        s.on_trial_complete(tid, None, error=True)
+    rest = [c for c in spec.cells() if c.key not in (first, second)]
+    for cell in rest:
+        for i, tid in enumerate(by_cell[cell.key]):
+            _tell(s, tid, 0.2 + 0.1 * i)
+    handed = [s.suggest(f"r{i}") for i in range(3, 3 + 2 * len(rest))]
+    assert sorted((c["cell"], c["repeat"]) for c in handed) == sorted(
+        (c.key, k) for c in rest for k in (1, 2)
+    )
+    for c in handed:  # ties aside, the higher value wins: index of the 0.3 trial
+        assert tuned[by_cell[c["cell"]][1]]["cell_index"] == c["cell_index"]
+    assert s.suggest("end") == Searcher.FINISHED
+
+
+def test_repeats_handed_out_after_the_snapshot_come_back_with_the_same_identity(tmp_path):
+    """The driver snapshots after repeat 1 and dies after handing out repeat 2: the restored
+    searcher hands out repeat 2 again (same cell, index, seed: it finds its checkpoint and
+    run), and no third repeat."""
+    spec, s = _searcher(tmp_path, repeats=2)
+    for i in range(8):
+        s.suggest(f"t{i}")
+    for i in range(8):
+        _tell(s, f"t{i}", 0.1 * i)
+    r1 = s.suggest("r1")
+    s.save(str(tmp_path / "snap.pkl"))
+    lost = s.suggest("r2")
+    again = CellSearcher(parse_spec(tiny_spec_dict(tmp_path, repeats=2)), s.optuna_url)
+    again.restore(str(tmp_path / "snap.pkl"))
+    back = again.suggest("n1")
+    strip = lambda c: {k: v for k, v in c.items() if k != "trial_id"}  # noqa: E731
+    assert strip(back) == strip(lost) and back["repeat"] == 2 and r1["repeat"] == 1
+    later = [again.suggest(f"m{i}") for i in range(6)]
+    assert {(c["cell"], c["repeat"]) for c in later} == {
+        (c.key, k) for c in spec.cells()[1:] for k in (1, 2)
+    } and again.suggest("end") == Searcher.FINISHED
+
+
+def test_a_repeat_has_its_own_checkpoint_folder_inside_its_configuration():
+    from sweep.checkpoints import config_key, trial_key, trial_label
+
+    tuned = {"cell": "mcmi(lambda=0.1).kd.pgd", "cell_index": 3}
+    again = tuned | {"repeat": 2}
+    assert config_key(tuned) == config_key(again) == "mcmi_lambda=0.1_.kd.pgd/3"
+    assert trial_key(tuned) == "mcmi_lambda=0.1_.kd.pgd/3"
+    assert trial_key(again) == "mcmi_lambda=0.1_.kd.pgd/3/repeat-2"
+    assert trial_label(tuned) == "mcmi(lambda=0.1).kd.pgd#3"
+    assert trial_label(again) == "mcmi(lambda=0.1).kd.pgd#3.r2"
