@@ -277,6 +277,23 @@ class ResourcesSpec(StrictModel):
         return v
 
 
+class ComputeSpec(StrictModel):
+    """How a trial uses its device. `auto` = the fast path on a GPU, plain fp32 on a CPU (where
+    bf16 autocast and channels_last are slower, not faster)."""
+
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast for forward passes; auto = bf16 on CUDA, fp32 on CPU"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="NHWC memory format for conv nets; auto = on with CUDA"
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the student (compiled once per worker: trial actors are "
+        "reused)",
+    )
+
+
 class StorageSpec(StrictModel):
     path: str = Field("./sweeps", description="Tune results, checkpoints, teacher cache")
     teachers: str | None = Field(
@@ -319,6 +336,7 @@ class SweepSpec(StrictModel):
     )
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    compute: ComputeSpec = ComputeSpec()
     storage: StorageSpec = StorageSpec()
     optuna: OptunaSpec = OptunaSpec()
 
