@@ -19,6 +19,7 @@ from .api import load_run
 from .evaluate import evaluate_suite, sanity_warnings
 from .spec import AttackRun, SweepSpec
 from .status import open_sweep
+from .store import is_remote
 from .tracking import Tracker
 
 PREFIX = "final"
@@ -108,6 +109,14 @@ def evaluate_finalists(
     return done
 
 
+def autoattack_state_dir(sweep_dir: str, name: str) -> Path:
+    """AutoAttack's resumable progress files: in the sweep's folder, or for a sweep on an
+    object store in this machine's cache (the evaluation runs here)."""
+    if is_remote(sweep_dir):
+        return Path.home() / ".cache" / "kdsweep" / "autoattack-final" / name
+    return Path(sweep_dir) / "autoattack-final"
+
+
 def evaluate_sweep(
     name: str,
     storage: str | Path = "./sweeps",
@@ -130,5 +139,5 @@ def evaluate_sweep(
         examples=examples,
         device=device,
         force=force,
-        state_root=sweep_dir / "autoattack-final",
+        state_root=autoattack_state_dir(sweep_dir, name),
     )

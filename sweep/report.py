@@ -55,6 +55,7 @@ from matplotlib.ticker import MaxNLocator
 from .space import is_searched
 from .spec import SweepSpec
 from .status import open_sweep, study_name
+from .store import absolute, is_remote
 from .tracking import Tracker
 
 FIXED_COLUMNS = [
@@ -637,11 +638,19 @@ def log_to_parent(tracker: Tracker, run_id: str, out: Path, files: list[Path]) -
     tracker.log_artifacts(run_id, {str(f.relative_to(out)): f for f in files}, path="report")
 
 
+def default_report_dir(name: str, storage: str | Path) -> Path:
+    """`<storage>/<name>/report` for a local sweep; plots are written locally, so for a sweep
+    on an object store `./<name>-report` (the files also go to MLflow, under report/)."""
+    if is_remote(storage):
+        return Path(f"{name}-report").resolve()
+    return Path(absolute(storage)) / name / "report"
+
+
 def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | None = None) -> str:
     """Write the report of sweep `name` and log it to the sweep's parent MLflow run; returns a
     short summary of what was written and what is missing. FileNotFoundError: no such sweep."""
     data = read_sweep(name, storage)
-    out_dir = Path(out) if out else Path(storage).expanduser().resolve() / name / "report"
+    out_dir = Path(out) if out else default_report_dir(name, storage)
     (out_dir / "history").mkdir(parents=True, exist_ok=True)
     df = trials_table(data.spec, data.students)
     best = best_configs(data.spec, df)

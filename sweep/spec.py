@@ -22,6 +22,7 @@ from .data import DATASETS
 from .methods import METHODS
 from .models import MODELS
 from .space import SearchParam, StrictModel
+from .store import URI_SCHEMES, is_remote
 from .teacher_defs import (
     MissingTeacher,
     TeacherDef,
@@ -289,8 +290,7 @@ class ComputeSpec(StrictModel):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the student (compiled once per worker: trial actors are "
-        "reused)",
+        description="torch.compile the student (compiled once per worker: trial actors are reused)",
     )
 
 
@@ -304,6 +304,26 @@ class StorageSpec(StrictModel):
     optuna: str | None = Field(None, description="null = sqlite file in the sweep's folder")
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment: str | None = Field(None, description="null = the sweep's name")
+
+    @field_validator("path", "teachers")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v and "://" in v and v.split("://", 1)[0] not in URI_SCHEMES:
+            raise ValueError(
+                f"{v!r}: unknown filesystem {v.split('://', 1)[0]!r}; allowed: a folder or a "
+                f"URI of {', '.join(f'{s}://' for s in URI_SCHEMES)}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _optuna_beside_remote(self) -> StorageSpec:
+        if is_remote(self.path) and not self.optuna:
+            raise ValueError(
+                f"path is {self.path!r}: the default Optuna storage, an SQLite file in the "
+                "sweep's folder, cannot live in an object store; set storage.optuna (or "
+                "$KDSWEEP_OPTUNA) to a database URL, e.g. postgresql://user@host/optuna"
+            )
+        return self
 
 
 class OptunaSpec(StrictModel):

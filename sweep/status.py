@@ -14,6 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from .spec import SweepSpec, parse_spec
+from .store import Store, absolute, join
 
 
 def study_name(sweep: str, cell_key: str) -> str:
@@ -69,17 +70,18 @@ def sweep_progress(
     return ended, planned
 
 
-def open_sweep(name: str, storage: str | Path = "./sweeps") -> tuple[Path, dict, SweepSpec]:
-    """A started sweep's folder, its state.json (MLflow, Optuna) and its resolved spec."""
-    sweep_dir = Path(storage).expanduser().resolve() / name
-    state_file = sweep_dir / "state.json"
-    if not state_file.exists():
-        raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} (give --storage)")
-    state = json.loads(state_file.read_text())
-    spec = parse_spec(
-        yaml.safe_load((sweep_dir / "sweep.yaml").read_text()), str(sweep_dir / "sweep.yaml")
-    )
-    return sweep_dir, state, spec
+def open_sweep(name: str, storage: str | Path = "./sweeps") -> tuple[str, dict, SweepSpec]:
+    """A started sweep's location (a local folder or a URI), its state.json (MLflow, Optuna)
+    and its resolved spec."""
+    where = join(storage, name)
+    store = Store(where)
+    raw = store.read("state.json")
+    if raw is None:
+        raise FileNotFoundError(f"no sweep {name!r} under {absolute(storage)} (give --storage)")
+    state = json.loads(raw)
+    text = store.read("sweep.yaml") or b""
+    spec = parse_spec(yaml.safe_load(text.decode()), store.location("sweep.yaml"))
+    return where, state, spec
 
 
 def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:

@@ -28,14 +28,33 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+
+
+def is_remote(location: str | Path) -> bool:
+    """A URI of a filesystem other than this machine's (s3://, gs://, ...)."""
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def absolute(location: str | Path) -> str:
+    """A storage location every process of a sweep can use: a URI as given, a local path (or a
+    file:// URI) made absolute, since Ray workers do not run in the driver's directory."""
+    location = str(location)
+    if is_remote(location):
+        return location.rstrip("/")
+    return str(Path(location.removeprefix("file://")).expanduser().resolve())
+
+
+def join(location: str | Path, *parts: str) -> str:
+    return "/".join([absolute(location), *parts])
+
+
 class Store:
     """Whole-file reads and atomic whole-file writes on a local path or a pyarrow URI."""
 
-    def __init__(self, root: str) -> None:
-        root = str(root)
-        self.remote = "://" in root and not root.startswith("file://")
-        if not self.remote:
-            root = str(Path(root.removeprefix("file://")).expanduser().resolve())
+    def __init__(self, root: str | Path) -> None:
+        root = absolute(root)
+        self.remote = is_remote(root)
         self.fs, self.base = pafs.FileSystem.from_uri(root if self.remote else Path(root).as_uri())
         self.uri = root
 
@@ -45,6 +64,10 @@ class Store:
 
     def path(self, *parts: str) -> str:
         return "/".join([self.base.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        """A file or a folder (on object stores: any object under that prefix)."""
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def read(self, *parts: str) -> bytes | None:
         p = self.path(*parts)

@@ -29,6 +29,7 @@ from .checkpoints import FAILED, STOPPED, trial_key, trial_label
 from .space import is_searched
 from .spec import SweepSpec, dump_spec
 from .status import study_name, sweep_progress
+from .store import Store, absolute, join
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
 from .trial import SweepContext, finalize_from_state, run_trial
 
@@ -346,26 +347,21 @@ class Progress(tune.Callback):
 
 
 # --- the driver ---------------------------------------------------------------------------------
-def sweep_paths(spec: SweepSpec) -> dict[str, Path]:
-    root = Path(spec.storage.path).expanduser().resolve()
-    return {
-        "root": root,
-        "sweep": root / spec.name,
-        "tune": root / spec.name / "tune",
-        "teachers": root / "teachers",
-    }
+def sweep_paths(spec: SweepSpec) -> dict[str, str]:
+    """Where a sweep keeps its files: local folders made absolute, or URIs (s3://, gs://)."""
+    root = absolute(spec.storage.path)
+    return {"root": root, "sweep": join(root, spec.name), "teachers": join(root, "teachers")}
 
 
 def teacher_store(spec: SweepSpec) -> str:
     """Where the teacher cache lives: a URI as given, a local folder made absolute."""
     t = spec.storage.teachers
-    if t and "://" in t:
-        return t
-    return str(Path(t).expanduser().resolve()) if t else str(sweep_paths(spec)["teachers"])
+    return absolute(t) if t else sweep_paths(spec)["teachers"]
 
 
 def optuna_url(spec: SweepSpec) -> str:
-    return spec.storage.optuna or f"sqlite:///{sweep_paths(spec)['sweep'] / 'optuna.db'}"
+    # a URI storage.path comes with storage.optuna (spec validation): SQLite needs a local file
+    return spec.storage.optuna or f"sqlite:///{sweep_paths(spec)['sweep']}/optuna.db"
 
 
 def init_ray(address: str | None) -> bool:
@@ -466,7 +462,8 @@ def _snapshot_often() -> None:
 def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     """Run a whole sweep; True when every trial ended, False when it was interrupted."""
     paths = sweep_paths(spec)
-    if paths["tune"].exists():
+    store = Store(paths["sweep"])
+    if store.exists("tune"):
         raise SweepExists(
             f"sweep {spec.name!r} already exists at {paths['sweep']}.\n"
             f"  continue it:   sweep resume {spec.name} --storage {paths['root']}\n"
@@ -474,8 +471,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
             f"under a new name: sweep run FILE --name NEW"
         )
     check_resources(spec, embedded=init_ray(address))  # before anything is written
-    paths["sweep"].mkdir(parents=True, exist_ok=True)
-    (paths["sweep"] / "sweep.yaml").write_text(dump_spec(spec))
+    store.write(dump_spec(spec).encode(), "sweep.yaml")
 
     uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
     experiment = spec.storage.mlflow_experiment or spec.name
@@ -488,18 +484,14 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         params={"cells": len(cells), "trials": total},
     )
     tracker.log_artifacts(parent, {"sweep.yaml": dump_spec(spec)})
-    (paths["sweep"] / "state.json").write_text(
-        json.dumps(
-            {
-                "mlflow_tracking_uri": uri,
-                "experiment": experiment,
-                "experiment_id": tracker.experiment_id,
-                "parent_run_id": parent,
-                "optuna": optuna_url(spec),
-            },
-            indent=2,
-        )
-    )
+    state = {
+        "mlflow_tracking_uri": uri,
+        "experiment": experiment,
+        "experiment_id": tracker.experiment_id,
+        "parent_run_id": parent,
+        "optuna": optuna_url(spec),
+    }
+    store.write(json.dumps(state, indent=2).encode(), "state.json")
     repeats = f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else ""
     print(
         f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials"
@@ -507,7 +499,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
-    ctx = SweepContext(spec, str(paths["sweep"]), teacher_store(spec), uri, experiment, parent)
+    ctx = SweepContext(spec, paths["sweep"], teacher_store(spec), uri, experiment, parent)
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
     run_config.callbacks = [Progress(ctx, total)]
@@ -532,15 +524,15 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     from .status import open_sweep
 
     sweep_dir, state, spec = open_sweep(name, storage)
-    tune_dir = sweep_dir / "tune"
-    if not tune.Tuner.can_restore(str(tune_dir)):
+    tune_dir = f"{sweep_dir}/tune"
+    if not tune.Tuner.can_restore(tune_dir):
         raise FileNotFoundError(
             f"sweep {name!r} at {sweep_dir} has no Tune experiment to resume; it stopped before "
             f"its first trial was scheduled: delete {sweep_dir} and run it again"
         )
     uri = state["mlflow_tracking_uri"]
     ctx = SweepContext(
-        spec, str(sweep_dir), teacher_store(spec), uri, state["experiment"], state["parent_run_id"]
+        spec, sweep_dir, teacher_store(spec), uri, state["experiment"], state["parent_run_id"]
     )
     tracker = ctx.tracker()
     tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -555,7 +547,7 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     _snapshot_often()
     trainable_, _ = _tuner_parts(spec, ctx)
     tuner = tune.Tuner.restore(
-        str(tune_dir),
+        tune_dir,
         trainable=trainable_,
         resume_unfinished=True,
         resume_errored=True,
@@ -563,10 +555,10 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     )
     # the pickled run config holds the first run's Progress (its clock and counts): replace it
     tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, total, done)]
-    return _fit(ctx, tuner, sweep_dir.parent, state["optuna"])
+    return _fit(ctx, tuner, absolute(storage), state["optuna"])
 
 
-def _fit(ctx: SweepContext, tuner: tune.Tuner, root: Path, optuna_db: str) -> bool:
+def _fit(ctx: SweepContext, tuner: tune.Tuner, root: str, optuna_db: str) -> bool:
     """Run (or continue) the experiment; end the parent run, or on an interruption leave
     nothing looking RUNNING and say how to go on."""
     spec, tracker = ctx.spec, ctx.tracker()

@@ -179,6 +179,21 @@ def _problems(data):
             "budget",
             ["grace_period (5) must be <= epochs (2)"],
         ),
+        (
+            {"name": "x", "grid": _grid(), "storage": {"path": "s3://bucket/sweeps"}},
+            "storage",
+            ["cannot live in an object store", "storage.optuna", "$KDSWEEP_OPTUNA"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "storage": {"path": "s4://bucket/sweeps"}},
+            "storage.path",
+            ["unknown filesystem 's4'", "s3://, gs://"],
+        ),
+        (
+            {"name": "x", "grid": _grid(), "repeats": -1},
+            "repeats",
+            ["greater than or equal to 0"],
+        ),
     ],
 )
 def test_bad_field_is_named_with_what_is_allowed(data, field, words):
