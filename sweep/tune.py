@@ -29,9 +29,16 @@ from .checkpoints import FAILED, STOPPED, trial_key, trial_label
 from .space import is_searched
 from .spec import SweepSpec, dump_spec
 from .status import study_name, sweep_progress
-from .store import Store, absolute, join
+from .store import Store, absolute, is_remote, join
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
-from .trial import SweepContext, finalize_from_state, run_trial
+from .trial import (
+    SweepContext,
+    finalize_from_state,
+    get_splits,
+    get_teacher,
+    pick_device,
+    run_trial,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -437,6 +444,29 @@ def _finalize_early_stopped(ctx: SweepContext, results: Any) -> int:
     return len(todo)
 
 
+def _train_teachers_first(ctx: SweepContext) -> None:
+    """The teacher cache's lock guards one machine; on an object store, trials on several
+    machines could each train the same teacher. There the driver has every missing teacher
+    trained first, one Ray task per distinct teacher (a trial's resources), so that trials
+    only load them. On a local or NFS folder trials share the lock and start at once."""
+    spec = ctx.spec
+    teachers = spec.all_teachers()
+    if not teachers or not is_remote(ctx.teacher_dir):
+        return
+    res = spec.resources
+    print(f"teachers: {len(teachers)} in {ctx.teacher_dir}, training the missing ones", flush=True)
+
+    @ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
+    def teacher_task(t: Any) -> str:
+        torch.set_num_threads(max(1, int(res.cpus_per_trial)))
+        device = pick_device(spec)
+        _, record = get_teacher(ctx, t, get_splits(spec, device), device)
+        return f"{t.label} ({record.hash[:10]})"
+
+    ready = ray.get([teacher_task.remote(t) for t in teachers])
+    print(f"teachers ready: {', '.join(ready)}", flush=True)
+
+
 def _tuner_parts(spec: SweepSpec, ctx: SweepContext) -> tuple[Any, tune.RunConfig]:
     res = spec.resources
     trainable_ = tune.with_resources(
@@ -500,6 +530,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         flush=True,
     )
     ctx = SweepContext(spec, paths["sweep"], teacher_store(spec), uri, experiment, parent)
+    _train_teachers_first(ctx)
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
     run_config.callbacks = [Progress(ctx, total)]
@@ -544,6 +575,7 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
         flush=True,
     )
     check_resources(spec, embedded=init_ray(address))
+    _train_teachers_first(ctx)
     _snapshot_often()
     trainable_, _ = _tuner_parts(spec, ctx)
     tuner = tune.Tuner.restore(

@@ -30,7 +30,7 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
 BUCKET = "kdsweep-test"
-EPOCHS = 3
+EPOCHS = 2
 
 
 def _free_port() -> int:
@@ -156,7 +156,13 @@ def test_a_sweep_on_s3_is_interrupted_and_resumed_from_the_bucket(s3, tmp_path):
     keys = _keys(client, prefix)
     assert {prefix + "sweep.yaml", prefix + "state.json"} <= set(keys)
     assert any(k.startswith(prefix + "tune/") for k in keys)  # Tune's experiment state
-    assert _keys(client, "sweeps/teachers/")  # the teacher cache is in the bucket too
+    # the teacher cache is in the bucket too; its lock guards one machine only, so the driver
+    # had the (one, distinct) teacher trained before the trials: trained once, then loaded
+    assert "teachers ready: ce (" in first
+    metas = [k for k in _keys(client, "sweeps/teachers/") if k.endswith("/meta.json")]
+    assert len(metas) == 1
+    meta = json.loads(client.get_object(Bucket=BUCKET, Key=metas[0])["Body"].read())
+    assert [h["event"] for h in meta["history"]] == ["trained"]
     assert not (local / "sweeps").exists()  # nothing went to the driver's disk
 
     # resume from the bucket: KDSWEEP_STORAGE is the default --storage
