@@ -39,15 +39,18 @@ def plan(spec: Any) -> str:
     from .teacher_defs import fmt_value
 
     cells = spec.cells()
-    total = len(cells) * spec.budget.trials_per_cell
+    total = len(cells) * (spec.budget.trials_per_cell + spec.repeats)
+    repeats = f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else ""
     lines = [
         f"sweep {spec.name}: dataset {spec.dataset.name}, student {spec.student.arch}, "
         f"teacher {spec.teacher.arch} ({spec.teacher.epochs} epochs), eps {spec.threat.eps:.4g}",
-        f"{len(cells)} cells x {spec.budget.trials_per_cell} trials = {total} trials, "
+        f"{len(cells)} cells x {spec.budget.trials_per_cell} trials{repeats} = {total} trials, "
         f"up to {spec.budget.epochs} epochs each (ASHA grace {spec.budget.grace_period})",
         "objective: " + ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
         "test suite: clean, " + ", ".join(a.key for a in spec.evaluation.attacks),
-        f"resources per trial: {spec.resources.cpus_per_trial} CPU, {spec.resources.gpus_per_trial} GPU",
+        f"resources per trial: {spec.resources.cpus_per_trial} CPU, {spec.resources.gpus_per_trial} GPU"
+        f"; compute: precision {spec.compute.precision}, channels_last "
+        f"{spec.compute.channels_last}, compile {spec.compute.compile}",
     ]
     teachers = spec.all_teachers()
     if teachers:
