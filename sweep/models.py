@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -387,7 +388,7 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     """
     body = model
     if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Normalize):
-        x, body = model[0](x), model[1]
+        body = model[1]
     features = getattr(body, "features", None)
     head = getattr(body, "head", None)
     if not callable(features) or not isinstance(head, nn.Module):
@@ -395,12 +396,61 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
             f"{type(body).__name__} has no features(x) / head: forward_features needs a model "
             "from build_model (a registered architecture) or a module defining both"
         )
-    feats = features(x)
-    return feats, head(feats)
+    dtype = getattr(model, "compute_dtype", None)
+    with _maybe_autocast(x, dtype):
+        if body is not model:
+            x = model[0](_to_format(x, model))
+        feats = features(x)
+        logits = head(feats)
+    if dtype is None:
+        return feats, logits
+    return feats.float(), logits.float()
+
+
+class Classifier(nn.Sequential):
+    """What `build_model` returns: Normalize, then the body (`model[1]`); a Sequential, so the
+    state_dict keys are those of the plain Sequential it used to be.
+
+    Two settings, both off by default and set by `sweep.fast` for a trial's training steps only:
+    `compute_dtype` (e.g. torch.bfloat16) runs the forward under autocast to that dtype and
+    returns fp32 logits, so every loss, temperature-scaled KL and attack objective downstream is
+    computed in fp32 whatever the forward ran in; `channels_last` converts the input to the NHWC
+    memory format the (converted) weights use. With both off the forward is the plain
+    Sequential's, bit for bit.
+    """
+
+    def __init__(self, normalize: Normalize, body: nn.Module) -> None:
+        super().__init__(normalize, body)
+        self.compute_dtype: torch.dtype | None = None
+        self.channels_last = False
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        # Sequential would rebuild a slice as Classifier(OrderedDict): a plain Sequential instead
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is None:
+            return super().forward(_to_format(x, self))
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            out = super().forward(_to_format(x, self))
+        return out.float()
+
+
+def _to_format(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """x in channels_last when the model says so (a no-op when it already is)."""
+    if getattr(model, "channels_last", False):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _maybe_autocast(x: torch.Tensor, dtype: torch.dtype | None) -> AbstractContextManager:
+    return nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
 
 
 def build_model(
     arch: str, *, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
-) -> nn.Sequential:
+) -> Classifier:
     """The registered body behind a Normalize layer; `model[1]` is the body."""
-    return nn.Sequential(Normalize(mean, std), MODELS.get(arch)(in_channels, num_classes))
+    return Classifier(Normalize(mean, std), MODELS.get(arch)(in_channels, num_classes))

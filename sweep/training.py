@@ -65,6 +65,11 @@ def make_optimization(
     return opt, make_schedule(opt, optim["schedule"], epochs, steps)
 
 
+# On an accelerator, how many steps may run between two reads of the divergence flag: each read
+# waits for the device to finish its queue, so reading it every step would stall the pipeline.
+CHECK_EVERY = 50
+
+
 def train_epoch(
     model: nn.Module,
     data: Splits,
@@ -74,21 +79,45 @@ def train_epoch(
     step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
+    check_every: int | None = None,
 ) -> float:
     """One pass over the training split; returns the mean loss. `step_loss(x, y)` computes the
-    loss of one (augmented) batch, adversarial examples included."""
+    loss of one (augmented) batch, adversarial examples included.
+
+    No host sync per step: the loss sum (float64, as the Python float sum it replaces, so the
+    value is the same) and a "some loss was not finite" flag stay on the device, and the host
+    reads them once at the end of the epoch. The divergence guard reads the flag every
+    `check_every` steps (default: every step on a CPU, where reading costs nothing, and every
+    CHECK_EVERY steps on an accelerator), so a diverged trial still raises Diverged, at most
+    `check_every - 1` wasted steps later; its weights are then garbage, but a trial that raises
+    never checkpoints them.
+    """
     model.train()
-    total, count = 0.0, 0
-    for x, y in batches(data.x_train, data.y_train, batch_size, shuffle=True):
+    device = data.x_train.device
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else CHECK_EVERY
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    count, step = 0, 0
+    for step, (x, y) in enumerate(batches(data.x_train, data.y_train, batch_size, shuffle=True), 1):
         if augmentation is not None:
             x = augmentation(x)
         loss = step_loss(x, y)
-        if not torch.isfinite(loss):
-            raise Diverged(f"training loss is {loss.item()}")
+        value = loss.detach()
+        finite &= torch.isfinite(value)
+        if step % check_every == 0:
+            _check_finite(finite, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        total += loss.item() * len(y)
+        total += value.double() * len(y)
         count += len(y)
-    return total / max(count, 1)
+    _check_finite(finite, step)
+    return total.item() / max(count, 1)
+
+
+def _check_finite(finite: torch.Tensor, step: int) -> None:
+    """Raise Diverged if a loss so far was not finite (one host sync)."""
+    if not bool(finite):
+        raise Diverged(f"training loss became NaN or infinite at or before step {step}")

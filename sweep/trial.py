@@ -26,6 +26,7 @@ from .checkpoints import FAILED, STOPPED, TrialCheckpoints, config_key, trial_ke
 from .cmi import output_metrics
 from .data import Splits, load_splits, make_augmentation
 from .evaluate import accuracy, evaluate_suite, sanity_warnings
+from .fast import FastPath, maybe_compile, prepare, resolve, to_format, training_forwards
 from .methods import METHODS
 from .models import build_model
 from .spec import TRAINING_PARAMS, Cell, SweepSpec, dump_spec
@@ -62,14 +63,17 @@ def _tracker(uri: str, experiment: str) -> Tracker:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_splits(**kw: Any) -> Splits:
-    """Reused Ray actors load a dataset once, not once per trial."""
-    return load_splits(**kw)
+def _cached_splits(device: str, **kw: Any) -> Splits:
+    """Reused Ray actors load a dataset once, not once per trial, and keep it on the trial's
+    device: on a GPU the whole dataset stays there as tensors (batches, augmentation and
+    attacks never touch the host), and is not copied again for each trial."""
+    return load_splits(**kw).to(device)
 
 
 def get_splits(spec: SweepSpec, device: torch.device) -> Splits:
     d = spec.dataset
-    splits = _cached_splits(
+    return _cached_splits(
+        str(device),
         name=d.name,
         data_dir=d.data_dir,
         download=d.download,
@@ -77,7 +81,6 @@ def get_splits(spec: SweepSpec, device: torch.device) -> Splits:
         test_fraction=d.test_fraction,
         split_seed=d.split_seed,
     )
-    return splits.to(device)
 
 
 def pick_device(spec: SweepSpec) -> torch.device:
@@ -86,11 +89,21 @@ def pick_device(spec: SweepSpec) -> torch.device:
     return torch.device("cpu")
 
 
-def new_model(arch: str, data: Splits, device: torch.device) -> nn.Module:
+def new_model(
+    arch: str, data: Splits, device: torch.device, fast: FastPath | None = None
+) -> nn.Module:
+    """A freshly initialised network on `device`, in the memory format `fast` asks for."""
     info = data.info
-    return build_model(
+    model = build_model(
         arch, in_channels=info.shape[0], num_classes=info.num_classes, mean=info.mean, std=info.std
     ).to(device)
+    return prepare(model, fast) if fast is not None else model
+
+
+def fast_path(spec: SweepSpec, device: torch.device) -> FastPath:
+    """The trial's `compute:` settings resolved on its device (auto: bf16 + channels_last on
+    CUDA, plain fp32 on a CPU)."""
+    return resolve(spec.compute, device)
 
 
 def _optim_dict(optim: Any, hp: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -204,16 +217,19 @@ def train_teacher(
     optim = _optim_dict(spec.teacher.optim)
     opt, sched = make_optimization(model, optim, t.epochs, len(data.x_train))
     objective.begin(model, data.x_train, data.y_train, optim["batch_size"])
+    # the teacher's training steps take the fast path too (not compiled: trained once per sweep)
+    fast = fast_path(spec, data.x_train.device)
     for epoch in range(t.epochs):
-        loss_value = train_epoch(
-            model,
-            data,
-            batch_size=optim["batch_size"],
-            augmentation=augmentation(spec, data),
-            step_loss=lambda x, y: objective.loss(model, x, y),
-            optimizer=opt,
-            schedule=sched,
-        )
+        with training_forwards(fast, model):
+            loss_value = train_epoch(
+                model,
+                data,
+                batch_size=optim["batch_size"],
+                augmentation=augmentation(spec, data),
+                step_loss=lambda x, y: objective.loss(model, to_format(x, fast), y),
+                optimizer=opt,
+                schedule=sched,
+            )
         objective.end_epoch()
         # printed, not logged: Ray forwards worker stdout to the driver's console
         print(f"teacher {t.label}: epoch {epoch + 1}/{t.epochs} loss {loss_value:.4f}", flush=True)
@@ -227,7 +243,7 @@ def get_teacher(
     """The teacher `t`, from the cache or trained now; frozen, in eval mode."""
     spec = ctx.spec
     seed_everything(t.seed)  # a teacher depends on its own seed, not the trial's
-    model = new_model(t.arch, data, device)
+    model = new_model(t.arch, data, device, fast_path(spec, device))
     identity = teacher_identity(spec, t)
 
     def on_ready(record: TeacherRecord) -> None:
@@ -421,7 +437,8 @@ def run_trial(
     t_hash = ",".join(r.hash for r in records)
     seed_everything(config["seed"])
 
-    student = new_model(spec.student.arch, data, device)
+    fast = fast_path(spec, device)
+    student = new_model(spec.student.arch, data, device, fast)
     optim = _optim_dict(spec.student.optim, config["hp"])
     opt, sched = make_optimization(student, optim, spec.budget.epochs, len(data.x_train))
     start = 0
@@ -435,6 +452,7 @@ def run_trial(
     where = {"host": socket.gethostname(), "worker_pid": str(os.getpid()), **(where or {})}
     if start:
         where["resumed_from_epoch"] = str(start)
+    maybe_compile(student, fast)  # after load_state_dict: the compiled module is the same one
     run_id = _student_run(ctx, config, key, t_hash, run_before, where)
     logged = tracker.logged_steps(run_id) if run_before else {}
     if start:
@@ -455,21 +473,23 @@ def run_trial(
         )
 
     def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = to_format(x, fast)
         x_adv = method.adversarial(student, teachers, x, y, attack)
         return method.loss(student, teachers, x, x_adv, y)
 
     try:
         for epoch in range(start + 1, spec.budget.epochs + 1):
             method.start_epoch(epoch, spec.budget.epochs)
-            train_loss = train_epoch(
-                student,
-                data,
-                batch_size=optim["batch_size"],
-                augmentation=augmentation(spec, data),
-                step_loss=step_loss,
-                optimizer=opt,
-                schedule=sched,
-            )
+            with training_forwards(fast, student, *teachers):
+                train_loss = train_epoch(
+                    student,
+                    data,
+                    batch_size=optim["batch_size"],
+                    augmentation=augmentation(spec, data),
+                    step_loss=step_loss,
+                    optimizer=opt,
+                    schedule=sched,
+                )
             metrics = {"train/loss": train_loss, **validation_metrics(spec, student, data)}
             tracker.log_metrics(run_id, metrics, step=epoch, logged=logged)
             if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there
@@ -502,6 +522,6 @@ def finalize_from_state(
     seed_everything(config["seed"])
     device = pick_device(ctx.spec)
     data = get_splits(ctx.spec, device)
-    model = new_model(ctx.spec.student.arch, data, device)
+    model = new_model(ctx.spec.student.arch, data, device, fast_path(ctx.spec, device))
     model.load_state_dict(state["model"])
     return finalize(ctx, model, data, state["mlflow_run_id"], state["epoch"])

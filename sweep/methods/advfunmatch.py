@@ -29,7 +29,7 @@ from torch import nn
 from ..attacks import Objective
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method, teacher_logits
+from .base import Method
 
 
 class StudentTeacher(nn.Module):
@@ -76,4 +76,4 @@ class AdvFunMatch(Method):
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         t = self.hp["temperature"]
-        return t * t * soft_kl(student(x_adv), teacher_logits(teachers[0], x_adv), t)
+        return t * t * soft_kl(student(x_adv), self.teacher_logits(teachers[0], x_adv), t)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import soft_kl
-from .base import ALPHA, TEMPERATURE, Method, teacher_logits
+from .base import ALPHA, TEMPERATURE, Method
 
 
 def ard_loss(
@@ -33,6 +33,6 @@ class ARD(Method):
     space = {"temperature": TEMPERATURE, "alpha": ALPHA}
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
-        t_clean = teacher_logits(teachers[0], x)
+        t_clean = self.teacher_logits(teachers[0], x)
         hp = self.hp
         return ard_loss(student(x_adv), t_clean, student(x), y, hp["temperature"], hp["alpha"])

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..attacks import ce_objective
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method, teacher_logits
+from .base import Method
 
 
 def amalgamate(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +67,7 @@ class ATAKA(Method):
         if len(x_adv) != len(teachers):
             raise ValueError(f"ataka needs one x' per teacher: {len(x_adv)} for {len(teachers)}")
         t = self.hp["temperature"]
-        logits = [teacher_logits(m, xk) for m, xk in zip(teachers, x_adv, strict=True)]
+        logits = [self.teacher_logits(m, xk) for m, xk in zip(teachers, x_adv, strict=True)]
         _, target = amalgamate(logits, y)
         k = len(teachers)
         # one student pass over all K examples: batchmean over K*N is the mean over k of each

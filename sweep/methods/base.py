@@ -3,13 +3,17 @@ about it without running it."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..attacks import Objective, ce_objective
+from ..models import forward_features
 from ..space import FloatParam, SearchParam
 
 # The cell's training attack, configured (algorithm from the grid's train_attack axis, eps and
@@ -27,6 +31,10 @@ class Method:
     inner maximisation of their own override `inner_objective` (or `adversarial`, when the
     attacked function is not the student alone, or x' is a list, one per teacher). State that
     evolves during training (adaptive weights) goes in state_dict(), which the trial checkpoints.
+
+    Teachers are run through `self.teacher_logits(teacher, x)` (or `self.teacher_features`):
+    frozen, no gradient, and computed once per (teacher, input tensor) for the batch, however
+    many terms of adversarial() and loss() ask for them (see TeacherOutputs).
     """
 
     name: ClassVar[str]
@@ -44,6 +52,25 @@ class Method:
         if missing:
             raise ValueError(f"method {self.name!r} needs hyperparameters {missing}")
         self.hp = hp
+        self._teacher_outputs = TeacherOutputs()
+
+    def teacher_logits(self, teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """teacher(x) under no_grad, shared by every term of this batch that needs it."""
+        return self._outputs().get(teacher, x, features=False)[1]
+
+    def teacher_features(
+        self, teacher: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate features, logits) of teacher on x (models.forward_features), no_grad,
+        shared like teacher_logits (whose later calls on x reuse these logits)."""
+        feats, logits = self._outputs().get(teacher, x, features=True)
+        assert feats is not None
+        return feats, logits
+
+    def _outputs(self) -> TeacherOutputs:
+        if getattr(self, "_teacher_outputs", None) is None:  # a subclass skipped __init__
+            self._teacher_outputs = TeacherOutputs()
+        return self._teacher_outputs
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called before each epoch (1-based), for schedules such as warm-ups."""
@@ -100,5 +127,84 @@ ALPHA = FloatParam(low=0.1, high=0.95)
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Teachers are frozen and always in eval(): no batch-norm updates, no gradients."""
+    """Teachers are frozen and always in eval(): no batch-norm updates, no gradients.
+    Uncached; methods call Method.teacher_logits, which shares one pass per batch."""
     return teacher(x)
+
+
+# each teacher's parameters and buffers, collected once: walking the module tree costs ~0.5 ms
+# for a WRN-34-10, reading the 193 version counters of the list ~20 us
+_STATE: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, ...]] = weakref.WeakKeyDictionary()
+
+
+def _state_version(module: nn.Module) -> int:
+    """Sum of the version counters of the module's parameters and buffers: it changes whenever
+    one of them is modified in place (an optimiser step, load_state_dict, copy_ under no_grad)."""
+    tensors = _STATE.get(module)
+    if tensors is None:
+        tensors = _STATE[module] = tuple(chain(module.parameters(), module.buffers()))
+    return sum(t._version for t in tensors)
+
+
+@dataclass
+class _Entry:
+    x: weakref.ref
+    x_version: int
+    teacher: weakref.ref
+    teacher_version: int
+    logits: torch.Tensor
+    features: torch.Tensor | None
+
+
+class TeacherOutputs:
+    """Teacher outputs on the inputs of the batch in flight: one forward per (teacher, input).
+
+    Why: the same T(x) is wanted by a method's inner maximisation and by its loss (RSLAD), by two
+    terms of one loss, or as logits after a features pass (GACD-like terms); on a GPU a
+    WRN-34-10 teacher's forward costs as much as the student's step. A method just asks for
+    T(x) wherever it needs it, and this makes the second ask free, so adding a method stays one
+    module with no plumbing of precomputed outputs.
+
+    Entries are keyed by the identity of the teacher and of the input tensor, and hold the input
+    by weak reference: an entry is dropped as soon as its input tensor is freed (the trial's
+    batch, once the step is done), so there is no scope to open or close and a new batch never
+    meets an old one's outputs. An entry whose input or teacher was modified in place since
+    (version counters) is recomputed, not reused.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int], _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @torch.no_grad()
+    def get(
+        self, teacher: nn.Module, x: torch.Tensor, *, features: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        key = (id(teacher), id(x))
+        version = _state_version(teacher)
+        e = self._entries.get(key)
+        if e is not None and not (
+            e.x() is x
+            and e.teacher() is teacher
+            and e.x_version == x._version
+            and e.teacher_version == version
+        ):
+            e = None
+        if e is not None and (e.features is not None or not features):
+            return e.features, e.logits
+        if features:
+            feats, logits = forward_features(teacher, x)
+        else:
+            feats, logits = None, teacher(x)
+        entries = self._entries
+        self._entries[key] = _Entry(
+            weakref.ref(x, lambda _, k=key: entries.pop(k, None)),
+            x._version,
+            weakref.ref(teacher),
+            version,
+            logits,
+            feats,
+        )
+        return feats, logits

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method, teacher_logits
+from .base import Method
 
 
 def _split(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,9 +31,11 @@ def _split(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     softmax (p_t, 1 - p_t) without ever taking log(0) when the student is very confident.
     """
     n, c = logits.shape
-    mask = F.one_hot(y, c).bool()
-    target = logits[mask].view(n, 1)
-    others = logits[~mask].view(n, c - 1)  # row-major order keeps each row's classes in order
+    target = logits.gather(1, y.view(n, 1))
+    # the other classes in order: column j of row i is class j, or j + 1 from the label on.
+    # A gather, not logits[~mask] (a boolean index: a host sync on a GPU to size its output)
+    cols = torch.arange(c - 1, device=logits.device).expand(n, c - 1)
+    others = logits.gather(1, cols + (cols >= y.view(n, 1)).long())
     binary = torch.cat([target, others.logsumexp(dim=1, keepdim=True)], dim=1)
     return binary, others
 
@@ -77,5 +79,5 @@ class DKD(Method):
         t, a, b = self.hp["temperature"], self.hp["alpha"], self.hp["beta"]
         a, b = a * self.warmup, b * self.warmup
         s_logits = student(x_adv)
-        tckd, nckd = dkd_terms(s_logits, teacher_logits(teachers[0], x_adv), y, t)
+        tckd, nckd = dkd_terms(s_logits, self.teacher_logits(teachers[0], x_adv), y, t)
         return F.cross_entropy(s_logits, y) + t * t * (a * tckd + b * nckd)

@@ -80,8 +80,7 @@ class GACD(Method):
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         tau, lam = self.hp["tau"], self.hp["distill_weight"]
         s_feat, s_logits = forward_features(student, x_adv)
-        with torch.no_grad():
-            t_feat, t_logits = forward_features(teachers[0], x)
-            w = F.softmax(t_logits, dim=1).gather(1, y[:, None]).squeeze(1)
+        t_feat, t_logits = self.teacher_features(teachers[0], x)  # no_grad
+        w = F.softmax(t_logits, dim=1).gather(1, y[:, None]).squeeze(1)
         contrast = (w * relation_infonce(s_feat, t_feat, tau)).mean()
         return F.cross_entropy(s_logits, y) + lam * contrast

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..space import FloatParam, LogFloatParam
 from .ard import ard_loss
-from .base import TEMPERATURE, Method, teacher_logits
+from .base import TEMPERATURE, Method
 
 
 def teacher_trust(t_adv_logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -78,10 +78,10 @@ class IAD(Method):
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         t, a = self.hp["temperature"], self.hp["alpha"]
         s_clean, s_adv = student(x), student(x_adv)
-        loss = ard_loss(s_adv, teacher_logits(teachers[0], x), s_clean, y, t, a)
+        loss = ard_loss(s_adv, self.teacher_logits(teachers[0], x), s_clean, y, t, a)
         if not self.introspect:
             return loss  # warm-up: ARD
-        gamma = teacher_trust(teacher_logits(teachers[0], x_adv), y, self.hp["beta"])
+        gamma = teacher_trust(self.teacher_logits(teachers[0], x_adv), y, self.hp["beta"])
         per_example = F.kl_div(
             F.log_softmax(s_adv, dim=1),
             F.log_softmax(s_clean, dim=1),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import soft_kl
-from .base import ALPHA, TEMPERATURE, Method, teacher_logits
+from .base import ALPHA, TEMPERATURE, Method
 
 
 class KD(Method):
@@ -20,5 +20,5 @@ class KD(Method):
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         t, a = self.hp["temperature"], self.hp["alpha"]
         s_logits = student(x_adv)
-        t_logits = teacher_logits(teachers[0], x_adv)
+        t_logits = self.teacher_logits(teachers[0], x_adv)
         return a * t * t * soft_kl(s_logits, t_logits, t) + (1 - a) * F.cross_entropy(s_logits, y)

@@ -39,7 +39,7 @@ import torch
 
 from ..losses import soft_kl
 from ..space import FloatParam, LogFloatParam
-from .base import Method, teacher_logits
+from .base import Method
 
 EXPONENT = 1.0  # b in the rule above ("bert" in the authors' code)
 # fractions of the run after which weight_lr is divided by 10 (215, 260, 285 of 300 epochs)
@@ -94,8 +94,8 @@ class MTARD(Method):
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         t = self.hp["temperature"]
         clean, robust = teachers
-        kl_nat = t * t * soft_kl(student(x), teacher_logits(clean, x), t)
-        kl_adv = t * t * soft_kl(student(x_adv), teacher_logits(robust, x_adv), t)
+        kl_nat = t * t * soft_kl(student(x), self.teacher_logits(clean, x), t)
+        kl_adv = t * t * soft_kl(student(x_adv), self.teacher_logits(robust, x_adv), t)
         self.update_weights(*torch.stack([kl_nat, kl_adv]).detach().tolist())  # one sync, not two
         return self.w_nat * kl_nat + self.w_adv * kl_adv
 

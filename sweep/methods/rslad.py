@@ -28,14 +28,12 @@ Deviations from the authors' code, and why:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..attacks import Objective, kl_objective
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method, teacher_logits
+from .base import Method
 
 
 class RSLAD(Method):
@@ -46,23 +44,11 @@ class RSLAD(Method):
     inner_max = "KL(T(x) || S(x')), the teacher's clean soft labels as target"
     space = {"adv_weight": FloatParam(low=0.5, high=0.95)}
 
-    def __init__(self, hp: dict[str, Any]) -> None:
-        super().__init__(hp)
-        # T(x) of the batch, from adversarial() to loss(): one teacher pass per step, not two
-        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _teacher_clean(self, teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self._cached is not None and self._cached[0] is x:
-            return self._cached[1]
-        logits = teacher_logits(teacher, x)
-        self._cached = (x, logits)
-        return logits
-
     def inner_objective(self, student, teachers, x, y) -> Objective:
-        return kl_objective(self._teacher_clean(teachers[0], x))
+        # T(x) is computed here once for the batch; loss() gets the same tensor back
+        return kl_objective(self.teacher_logits(teachers[0], x))
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         w = self.hp["adv_weight"]
-        t_clean = self._teacher_clean(teachers[0], x)
-        self._cached = None  # the batch is done; do not keep it alive until the next one
+        t_clean = self.teacher_logits(teachers[0], x)
         return w * soft_kl(student(x_adv), t_clean) + (1 - w) * soft_kl(student(x), t_clean)
