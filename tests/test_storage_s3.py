@@ -1,6 +1,7 @@
 """A sweep whose storage is an S3 bucket (issue 7): Tune's experiment, the trials' checkpoints,
 the teacher cache, sweep.yaml and state.json all go through pyarrow's S3 filesystem, and a sweep
-interrupted there is resumed from there.
+interrupted there with SIGINT (Ctrl-C) is resumed from there. This is also the suite's SIGINT
+test (test_resume.py does SIGKILL of the driver and of a worker on a local folder).
 
 The bucket is served by moto's S3 server, a separate process on 127.0.0.1 speaking the S3 HTTP
 API: pyarrow's real S3 client (the AWS C++ SDK) talks to it exactly as to AWS, credentials from
@@ -153,6 +154,19 @@ def test_a_sweep_on_s3_is_interrupted_and_resumed_from_the_bucket(s3, tmp_path):
     assert proc.returncode == 130, first[-5000:]
     assert f"resume with: sweep resume s3sweep --storage s3://{BUCKET}/sweeps" in first
 
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = mlflow.get_experiment_by_name("s3sweep")
+
+    def students(status=None):
+        runs = mlflow.search_runs([exp.experiment_id], "tags.kind = 'student'", max_results=100)
+        return [r for r in runs if status is None or r.info.status == status]
+
+    # an interrupted sweep shows nothing as RUNNING: those runs are KILLED until resumed
+    assert not students("RUNNING") and students("KILLED")
+    assert len(students("FINISHED")) < 4  # it really was stopped before the end
+
     keys = _keys(client, prefix)
     assert {prefix + "sweep.yaml", prefix + "state.json"} <= set(keys)
     assert any(k.startswith(prefix + "tune/") for k in keys)  # Tune's experiment state
@@ -168,12 +182,8 @@ def test_a_sweep_on_s3_is_interrupted_and_resumed_from_the_bucket(s3, tmp_path):
     # resume from the bucket: KDSWEEP_STORAGE is the default --storage
     out = _finish(_cli(local, env, "resume", "s3sweep"))
     assert "sweep s3sweep finished: 4 trials, 0 failed" in out, out[-5000:]
-
-    from mlflow.tracking import MlflowClient
-
-    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = mlflow.get_experiment_by_name("s3sweep")
-    runs = mlflow.search_runs([exp.experiment_id], "tags.kind = 'student'", max_results=100)
+    assert "continuing from epoch" in out  # a trial went on from its checkpoint in the bucket
+    runs = students()
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert Counter(r.data.tags["config_key"] for r in runs).most_common(1)[0][1] == 1
     for r in runs:  # every epoch logged once, across the interruption
