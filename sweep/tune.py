@@ -73,6 +73,9 @@ class CellSearcher(Searcher):
         self.orphans: list[tuple[str, int]] = []  # (cell, optuna number) to hand out again
         self.repeats: dict[str, int] = {c.key: 0 for c in self.cells}  # repeats handed out
         self.no_best: set[str] = set()  # cells whose tuning ended without a finished trial
+        # Optuna numbers of each cell's trials that ended: in memory, since Tune asks for a
+        # suggestion every loop step while repeats wait for a cell (no database query there)
+        self.ended: dict[str, set[int]] = {c.key: set() for c in self.cells}
         self._reconciled = True
         self._studies: dict[str, optuna.Study] = {}
 
@@ -109,6 +112,8 @@ class CellSearcher(Searcher):
         for cell in self.cells:
             handed = set(self.handed[cell.key])
             for t in self.study(cell.key).get_trials(deepcopy=False):
+                if t.state.is_finished():  # also those told after the snapshot
+                    self.ended[cell.key].add(t.number)
                 if t.number not in handed:
                     found.append((t.datetime_start, cell.key, t.number))
         self.orphans += [(key, number) for _, key, number in sorted(found)]  # as first asked
@@ -159,11 +164,8 @@ class CellSearcher(Searcher):
         return None if waiting else Searcher.FINISHED
 
     def _tuning_ended(self, key: str) -> bool:
-        if len(self.handed[key]) < self.spec.budget.trials_per_cell:
-            return False
-        numbers = set(self.handed[key])
-        trials = self.study(key).get_trials(deepcopy=False)
-        return all(t.state.is_finished() for t in trials if t.number in numbers)
+        handed = self.handed[key]
+        return len(handed) >= self.spec.budget.trials_per_cell and set(handed) <= self.ended[key]
 
     def best_trial(self, key: str) -> optuna.trial.FrozenTrial | None:
         """The cell's best finished trial by the first objective (ties: the one tried first),
@@ -219,6 +221,7 @@ class CellSearcher(Searcher):
         if trial_id not in self.live:
             return
         key, ot_id, number = self.live.pop(trial_id)
+        self.ended[key].add(number)
         if self._finished(key, ot_id):  # told before the driver died; Optuna keeps its verdict
             return
         study = self.study(key)
