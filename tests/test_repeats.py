@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_spec_dict
+from conftest import sweep_cli, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -20,17 +17,8 @@ pytestmark = pytest.mark.integration
 REPEATS = 2
 
 
-def _cli(tmp_path, *args):
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def _cli(cwd, *args):
+    out = sweep_cli(cwd, *args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 

@@ -25,7 +25,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_spec_dict
+from conftest import sweep_cli, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
 from sweep.report import best_configs, pareto_front, write_report
@@ -58,19 +58,6 @@ PROMISED = [
     "test/robust_acc/fgsm",
     "test/robust_acc/pgd5",
 ]
-
-
-def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "sweep.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def _start_sweep(tmp_path: Path, name: str, grid: dict, **over: object) -> subprocess.Popen:
@@ -138,7 +125,7 @@ def finished(sweeps):
     state = json.loads((storage / "rep" / "state.json").read_text())
     client = MlflowClient(state["mlflow_tracking_uri"])
     before = _snapshot(client, state["experiment_id"], state["optuna"])
-    r = _cli(tmp, "report", "rep", "--storage", str(storage))
+    r = sweep_cli(tmp, "report", "rep", "--storage", str(storage))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return SimpleNamespace(
         tmp=tmp,

@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import optuna
 import pytest
 import yaml
-from conftest import tiny_spec_dict
+from conftest import sweep_cli, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
 from sweep.spec import parse_spec
 
 pytestmark = pytest.mark.integration
-
-
-def _sweep(tmp_path, *args):
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "sweep.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def _student_metrics(client, exp_id):
@@ -47,9 +31,9 @@ def tiny_sweep(tmp_path_factory):
     # 0.5 CPU per trial: 4 trials start together on 2 cores and all ask for the 2 teachers
     spec = tiny_spec_dict(tmp_path, resources={"cpus_per_trial": 0.5, "max_concurrent_trials": 4})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
-    first = _sweep(tmp_path, "run", "tiny.yaml")
+    first = sweep_cli(tmp_path, "run", "tiny.yaml")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = _sweep(tmp_path, "run", "tiny.yaml", "--name", "tiny-again")
+    second = sweep_cli(tmp_path, "run", "tiny.yaml", "--name", "tiny-again")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return tmp_path, first, second
 
@@ -173,7 +157,7 @@ def test_same_file_and_seed_give_same_metrics_and_reuse_teachers(tiny_sweep):
 
 def test_status_reports_every_cell(tiny_sweep):
     tmp_path, _, _ = tiny_sweep
-    r = _sweep(tmp_path, "status", "tiny", "--storage", str(tmp_path / "sweeps"))
+    r = sweep_cli(tmp_path, "status", "tiny", "--storage", str(tmp_path / "sweeps"))
     assert r.returncode == 0, r.stderr
     for cell in ("ce.kd.pgd", "mse.kd.pgd", "ce.ard.pgd", "mse.ard.pgd"):
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(cell))
@@ -183,7 +167,7 @@ def test_status_reports_every_cell(tiny_sweep):
 def test_evaluate_top_k_logs_the_full_suite_into_each_cells_best_run(tiny_sweep):
     tmp_path, _, _ = tiny_sweep
     storage = str(tmp_path / "sweeps")
-    r = _sweep(tmp_path, "evaluate", "tiny", "--top", "1", "--storage", storage)
+    r = sweep_cli(tmp_path, "evaluate", "tiny", "--top", "1", "--storage", storage)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tiny")
@@ -192,15 +176,15 @@ def test_evaluate_top_k_logs_the_full_suite_into_each_cells_best_run(tiny_sweep)
         ["ce.kd.pgd", "mse.kd.pgd", "ce.ard.pgd", "mse.ard.pgd"]
     )
     assert all("final/robust_acc/pgd20" in d.data.metrics for d in done)
-    again = _sweep(tmp_path, "evaluate", "tiny", "--top", "1", "--storage", storage)
+    again = sweep_cli(tmp_path, "evaluate", "tiny", "--top", "1", "--storage", storage)
     assert again.returncode == 0 and again.stdout.count("already evaluated") == 4
-    bad = _sweep(tmp_path, "evaluate", "nosuch", "--storage", storage)
+    bad = sweep_cli(tmp_path, "evaluate", "nosuch", "--storage", storage)
     assert bad.returncode == 2 and "no sweep 'nosuch'" in bad.stderr
 
 
 def test_running_an_existing_sweep_again_is_refused(tiny_sweep):
     tmp_path, _, _ = tiny_sweep
-    r = _sweep(tmp_path, "run", "tiny.yaml")
+    r = sweep_cli(tmp_path, "run", "tiny.yaml")
     assert r.returncode == 2
     assert "already exists" in r.stderr and "--name" in r.stderr
     assert "sweep resume tiny --storage" in r.stderr  # how to go on, as well as start over
@@ -230,7 +214,7 @@ def test_every_registered_method_runs_one_epoch_through_the_sweep_path(tmp_path)
         resources={"cpus_per_trial": 0.5},
     )
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(spec))
-    r = _sweep(tmp_path, "run", "zoo.yaml")
+    r = sweep_cli(tmp_path, "run", "zoo.yaml")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("zoo")
