@@ -5,7 +5,8 @@ What is compared, measured side by side in one run (in a temporary storage folde
 - **sweep**: `sweep run search_spaces/quickstart.yaml` (sweep.cli.main, in this process): real
   embedded Ray, Tune with CellSearcher (one Optuna study per cell, SQLite) and CellASHA, MLflow
   in SQLite, 2 trials at once with 1 torch thread each (`cpus_per_trial: 1` on 2 cores), and the
-  end-of-sweep step that tests the trials ASHA stopped (Ray tasks). Its figure includes `import
+  end-of-sweep step that tests the trials ASHA stopped (in the driver: embedded CPU-only Ray,
+  sweep.tune._with_trial_resources). Its figure includes `import
   ray`/optuna, Ray's start-up (sweep.tune.init_ray, the call `sweep run` makes, timed on its own
   first; it is then a no-op inside run_sweep) and `ray.shutdown()`.
 - **loop**: exactly the trials the sweep ran, read back from its Tune results (cell, hp, seed,
@@ -412,7 +413,7 @@ print(json.dumps(out))
 
 
 def fresh_process_setup(name: str, storage: Path) -> dict[str, float]:
-    """What a fresh Ray worker (each trial actor, each task of the end step) pays before its
+    """What a fresh Ray worker (each trial actor) pays before its
     first trial can start, measured in a new Python process (1 thread) after the sweep."""
     done = subprocess.run(
         [sys.executable, "-c", PROBE, name, str(storage)], capture_output=True, text=True

@@ -420,11 +420,33 @@ def check_resources(spec: SweepSpec, embedded: bool) -> None:
         print(f"warning: {p}; trials wait until the cluster has such a node", flush=True)
 
 
-def _finalize_early_stopped(ctx: SweepContext, results: Any) -> int:
+def _with_trial_resources(ctx: SweepContext, fn: Any, items: list, embedded: bool) -> list:
+    """fn(item) for every item, each with a trial's resources. On a cluster: Ray tasks, where
+    the nodes are. In an embedded CPU-only Ray: one after another in this process with all the
+    cluster's CPUs, since a fresh Ray worker spends ~6 s importing torch, kdsweep and MLflow
+    before it starts (bench/sweep_overhead.py)."""
+    res = ctx.spec.resources
+    if embedded and res.gpus_per_trial == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(ray.cluster_resources().get("CPU", 1))))
+        try:
+            return [fn(item) for item in items]
+        finally:
+            torch.set_num_threads(threads)
+
+    @ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
+    def task(item: Any) -> Any:
+        torch.set_num_threads(max(1, int(res.cpus_per_trial)))
+        return fn(item)
+
+    return ray.get([task.remote(item) for item in items])
+
+
+def _finalize_early_stopped(ctx: SweepContext, results: Any, embedded: bool) -> int:
     """ASHA stops trials between reports, before they can test themselves: test their last
-    checkpoints now, as Ray tasks with the trials' resources."""
+    checkpoints now. A test that fails marks that run FAILED with its reason; the others go on.
+    Returns how many failed."""
     spec = ctx.spec
-    res = spec.resources
     checkpoints, tracker = ctx.checkpoints(), ctx.tracker()
     todo = []
     for r in results:
@@ -433,40 +455,44 @@ def _finalize_early_stopped(ctx: SweepContext, results: Any) -> int:
         key = trial_key(r.config)
         run_id = checkpoints.run_id(key)
         if run_id and tracker.status(run_id) != "FINISHED":  # it reported: it checkpointed
-            todo.append((r.config, key))
+            todo.append((r.config, key, run_id))
     if not todo:
         return 0
     print(f"testing {len(todo)} trials stopped early by ASHA ...", flush=True)
 
-    @ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
-    def finalize_task(config: dict, key: str) -> None:
-        torch.set_num_threads(max(1, int(res.cpus_per_trial)))
-        finalize_from_state(ctx, config, ctx.checkpoints().state(key))
+    def test_one(item: tuple[dict, str, str]) -> str | None:
+        config, key, run_id = item
+        try:
+            finalize_from_state(ctx, config, ctx.checkpoints().state(key))
+            return None
+        except Exception as e:  # recorded on the run; the sweep goes on
+            reason = f"testing the early-stopped trial failed: {type(e).__name__}: {e}"
+            ctx.tracker().fail(run_id, reason)
+            return f"{trial_label(config)}: {reason}"
 
-    ray.get([finalize_task.remote(c, k) for c, k in todo])
-    return len(todo)
+    failures = [f for f in _with_trial_resources(ctx, test_one, todo, embedded) if f]
+    for f in failures:
+        print(f"warning: {f}", flush=True)
+    return len(failures)
 
 
-def _train_teachers_first(ctx: SweepContext) -> None:
+def _train_teachers_first(ctx: SweepContext, embedded: bool) -> None:
     """The teacher cache's lock guards one machine; on an object store, trials on several
     machines could each train the same teacher. There the driver has every missing teacher
-    trained first, one Ray task per distinct teacher (a trial's resources), so that trials
-    only load them. On a local or NFS folder trials share the lock and start at once."""
+    trained first, one job per distinct teacher with a trial's resources, so that trials only
+    load them. On a local or NFS folder trials share the lock and start at once."""
     spec = ctx.spec
     teachers = spec.all_teachers()
     if not teachers or not is_remote(ctx.teacher_dir):
         return
-    res = spec.resources
     print(f"teachers: {len(teachers)} in {ctx.teacher_dir}, training the missing ones", flush=True)
 
-    @ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
-    def teacher_task(t: Any) -> str:
-        torch.set_num_threads(max(1, int(res.cpus_per_trial)))
+    def train(t: Any) -> str:
         device = pick_device(spec)
         _, record = get_teacher(ctx, t, get_splits(spec, device), device)
         return f"{t.label} ({record.hash[:10]})"
 
-    ready = ray.get([teacher_task.remote(t) for t in teachers])
+    ready = _with_trial_resources(ctx, train, teachers, embedded)
     print(f"teachers ready: {', '.join(ready)}", flush=True)
 
 
@@ -503,7 +529,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
             f"  start over:    delete {paths['sweep']} (and its MLflow experiment), or run "
             f"under a new name: sweep run FILE --name NEW"
         )
-    check_resources(spec, embedded=init_ray(address))  # before anything is written
+    embedded = init_ray(address)
+    check_resources(spec, embedded)  # before anything is written
     store.write(dump_spec(spec).encode(), "sweep.yaml")
 
     uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
@@ -533,7 +560,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         flush=True,
     )
     ctx = SweepContext(spec, paths["sweep"], teacher_store(spec), uri, experiment, parent)
-    _train_teachers_first(ctx)
+    _train_teachers_first(ctx, embedded)
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
     run_config.callbacks = [Progress(ctx, total)]
@@ -548,7 +575,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         ),
         run_config=run_config,
     )
-    return _fit(ctx, tuner, paths["root"], optuna_url(spec))
+    return _fit(ctx, tuner, paths["root"], optuna_url(spec), embedded)
 
 
 def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | None = None) -> bool:
@@ -577,8 +604,9 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
-    check_resources(spec, embedded=init_ray(address))
-    _train_teachers_first(ctx)
+    embedded = init_ray(address)
+    check_resources(spec, embedded)
+    _train_teachers_first(ctx, embedded)
     _snapshot_often()
     trainable_, _ = _tuner_parts(spec, ctx)
     tuner = tune.Tuner.restore(
@@ -590,14 +618,36 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     )
     # the pickled run config holds the first run's Progress (its clock and counts): replace it
     tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, total, done)]
-    return _fit(ctx, tuner, absolute(storage), state["optuna"])
+    return _fit(ctx, tuner, absolute(storage), state["optuna"], embedded)
 
 
-def _fit(ctx: SweepContext, tuner: tune.Tuner, root: str, optuna_db: str) -> bool:
+def _trial_slots(spec: SweepSpec) -> int:
+    """How many trials the cluster can run at once now."""
+    res, have = spec.resources, ray.cluster_resources()
+    slots = int(have.get("CPU", 0) // res.cpus_per_trial) if res.cpus_per_trial else 1 << 30
+    if res.gpus_per_trial:
+        slots = min(slots, int(have.get("GPU", 0) // res.gpus_per_trial))
+    if res.max_concurrent_trials:
+        slots = min(slots, res.max_concurrent_trials)
+    return max(1, slots)
+
+
+def _fit(ctx: SweepContext, tuner: tune.Tuner, root: str, optuna_db: str, embedded: bool) -> bool:
     """Run (or continue) the experiment; end the parent run, or on an interruption leave
     nothing looking RUNNING and say how to go on."""
     spec, tracker = ctx.spec, ctx.tracker()
-    results = tuner.fit()
+    # Tune lets a custom searcher have one trial waiting for resources at a time, so the
+    # second trial's actor starts only once the first one runs; let every free slot have one.
+    # Not more: TPE should suggest with as many results in as it can.
+    pending = "TUNE_MAX_PENDING_TRIALS_PG"
+    user_pending = os.environ.get(pending)
+    if user_pending is None:
+        os.environ[pending] = str(_trial_slots(spec))
+    try:
+        results = tuner.fit()
+    finally:
+        if user_pending is None:
+            os.environ.pop(pending, None)
     # Optuna hears of every tuning trial's end (complete, pruned, failed) from the searcher, a
     # repeat's end is its finished run; on Ctrl-C Tune saves its state and stops the running
     # trials, which stay RUNNING there
@@ -612,8 +662,8 @@ def _fit(ctx: SweepContext, tuner: tune.Tuner, root: str, optuna_db: str) -> boo
             flush=True,
         )
         return False
-    _finalize_early_stopped(ctx, results)
     failed = sum(r.error is not None for r in results)
+    failed += _finalize_early_stopped(ctx, results, embedded)
     tracker.set_tags(ctx.parent_run_id, {"trials": str(len(results)), "failed": str(failed)})
     tracker.finish(ctx.parent_run_id)
     print(

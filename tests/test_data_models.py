@@ -25,6 +25,18 @@ def test_digits_split_is_deterministic_disjoint_and_complete():
     assert a.x_train.min() >= 0 and a.x_train.max() <= 1 and a.x_train.shape[1:] == (1, 8, 8)
 
 
+def test_digits_read_from_the_csv_are_scikit_learns_digits():
+    """_load_digits reads sklearn's file itself (no sklearn.datasets import): same data."""
+    from sklearn.datasets import load_digits
+
+    from sweep.data import _load_digits
+
+    x, y = _load_digits(None, False)
+    d = load_digits()
+    assert torch.equal(x, torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0)
+    assert torch.equal(y, torch.tensor(d.target, dtype=torch.long))
+
+
 def test_augment_crops_are_shifts_of_the_reflect_padded_image():
     torch.manual_seed(0)
     x = torch.rand(32, 3, 6, 6)
