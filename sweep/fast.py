@@ -79,7 +79,13 @@ def resolve(compute: Any, device: torch.device) -> FastPath:
 
 def prepare(model: nn.Module, fast: FastPath) -> nn.Module:
     """Weights (and, for a `Classifier`, its inputs) in channels_last when asked; in place.
-    Call before the optimiser sees the parameters' values and before a state_dict is loaded."""
+    Call before the optimiser sees the parameters' values and before a state_dict is loaded.
+    On CUDA with any fast-path setting on, cuDNN also times its convolution algorithms once per
+    shape and keeps the fastest (`cudnn.benchmark`): a trial's batches all have one shape.
+    (That choice may differ between runs: GPU results are not bit-reproducible anyway.)"""
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if on_cuda and fast != OFF:
+        torch.backends.cudnn.benchmark = True
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)
         if hasattr(model, "channels_last"):

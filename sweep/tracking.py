@@ -22,6 +22,11 @@ from mlflow.tracking import MlflowClient
 MAX_PARAM_LEN = 6000
 
 
+# The MLflow 3 UI opens an experiment without this tag on its GenAI pages (traces, prompts);
+# a sweep's experiment is model training: this opens it on the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
     """Make a relative `sqlite:///x.db` absolute, so Ray workers in other directories agree."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -81,7 +86,9 @@ class Tracker:
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_root)
+            return self.client.create_experiment(
+                name, artifact_location=artifact_root, tags=EXPERIMENT_TAGS
+            )
         except MlflowException:  # another process created it first
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

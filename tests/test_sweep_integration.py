@@ -42,6 +42,8 @@ def test_every_trial_lands_in_mlflow_with_params_and_test_metrics(tiny_sweep):
     tmp_path, first, _ = tiny_sweep
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tiny")
+    # the MLflow UI opens it on the runs table, not on its GenAI pages
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs, metrics = _student_metrics(client, exp.experiment_id)
     assert len(runs) == 4 * 2
     (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'sweep'")
