@@ -22,11 +22,6 @@ from mlflow.tracking import MlflowClient
 MAX_PARAM_LEN = 6000
 
 
-# The MLflow 3 UI opens an experiment without this tag on its GenAI pages (traces, prompts);
-# a sweep's experiment is model training: this opens it on the runs table.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-
-
 def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
     """Make a relative `sqlite:///x.db` absolute, so Ray workers in other directories agree."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -37,14 +32,20 @@ def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
     return uri
 
 
+# The MLflow 3.17 UI opens every experiment on its GenAI pages (traces, token usage) unless the
+# browser has chosen "Model training" (its top-left switch, remembered per browser); the
+# experiment tag mlflow.experimentKind is ignored. This query selects it (checked in Chromium).
+RUNS_PAGE = "#/experiments/{id}/runs?workflowType=machine_learning"
+
+
 def ui_hint(uri: str, experiment_id: str) -> str:
-    """How to see the runs table (the MLflow 3 UI opens on an empty GenAI page otherwise)."""
-    runs = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+    """How to see the sweep's runs table in the MLflow UI."""
+    page = RUNS_PAGE.format(id=experiment_id)
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri}   then open {runs}"
+        return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{page}"
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return runs
+        return f"{uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page}"
 
 
 def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -86,9 +87,7 @@ class Tracker:
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(
-                name, artifact_location=artifact_root, tags=EXPERIMENT_TAGS
-            )
+            return self.client.create_experiment(name, artifact_location=artifact_root)
         except MlflowException:  # another process created it first
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
