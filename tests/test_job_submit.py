@@ -329,6 +329,8 @@ def test_the_documented_ray_job_submit_path_on_a_local_token_cluster(tmp_path, c
     (wd / "sweeps" / "old").mkdir(parents=True)
     (wd / "sweeps" / "old" / "marker").write_text("a laptop's sweep")
     (wd / "mlflow.db").write_text("not a database")
+    (wd / ".git").mkdir()  # the repository's history stays home too (Ray 2.60 leaves it)
+    (wd / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     # which code the job runs: the uploaded copy must come before the installed package
     with (wd / "sweep" / "cli.py").open("a") as f:
         f.write('\nprint(f"[test] sweep.cli from {__file__}", file=sys.stderr, flush=True)\n')
@@ -420,10 +422,10 @@ def test_the_documented_ray_job_submit_path_on_a_local_token_cluster(tmp_path, c
     unpacked = unpacked[0].resolve()  # session_latest is a link to the session's folder
     assert (unpacked / "sweep" / "cli.py").is_file()
     assert (unpacked / "search_spaces" / f"{SWEEP}.yaml").is_file()
-    left_in_job_dir = [p.name for p in unpacked.iterdir() if p.name in SHARED_NAMES]
+    left_in_job_dir = [p.name for p in unpacked.iterdir() if p.name in SHARED_NAMES | {".git"}]
     assert not left_in_job_dir, (
         f"{left_in_job_dir} in the job's working dir {unpacked}: uploaded although .gitignore "
-        f"ignores them, or written there by the sweep instead of to the shared storage"
+        f"ignores them (or .git), or written there by the sweep instead of to the shared storage"
     )
 
     ran = re.search(r"\[test\] sweep\.cli from (\S+)", logs)

@@ -31,7 +31,7 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
 BUCKET = "kdsweep-test"
-EPOCHS = 2
+EPOCHS = 3  # a trial mid-way has an epoch still to go when the sweep is interrupted
 
 
 def _free_port() -> int:
@@ -85,6 +85,27 @@ def _keys(client, prefix: str) -> list[str]:
     return [o["Key"] for p in pages for o in p.get("Contents", [])]
 
 
+def _mid_trial(env: dict, client, prefix: str) -> bool:
+    """A student run is RUNNING with its checkpoint in the bucket and an epoch still to go.
+    (Trials started together finish together: a finished one does not mean another is mid-way.)"""
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = mlflow.get_experiment_by_name("s3sweep")
+    if exp is None:
+        return False
+    running = mlflow.search_runs(
+        [exp.experiment_id], "tags.kind = 'student' and attributes.status = 'RUNNING'"
+    )
+    states = set(_keys(client, prefix + "trials/"))
+    for r in running:
+        steps = [m.step for m in mlflow.get_metric_history(r.info.run_id, "val/clean_acc")]
+        checkpoint = f"{prefix}trials/{r.data.tags.get('config_key')}/state.pt"
+        if steps and max(steps) < EPOCHS and checkpoint in states:
+            return True
+    return False
+
+
 def _cli(cwd: Path, env: dict, *args: str, **kw) -> subprocess.Popen:
     full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     full.pop("RAY_ADDRESS", None)
@@ -133,14 +154,9 @@ def test_a_sweep_on_s3_is_interrupted_and_resumed_from_the_bucket(s3, tmp_path):
     prefix = "sweeps/s3sweep/"
     log = tmp_path / "run.log"
     proc = _cli(local, env, "run", "s3sweep.yaml", stdout=log.open("w"))
-    try:  # interrupt once a trial has finished and another has a checkpoint in the bucket
+    try:  # interrupt once a trial has finished and another is mid-way with a checkpoint there
         deadline = time.monotonic() + 400
-        while True:
-            keys = _keys(client, prefix + "trials/")
-            if "finished" in log.read_text() or "done:" in log.read_text():
-                states = [k for k in keys if k.endswith("/state.pt")]
-                if len(states) >= 2:
-                    break
+        while not ("done:" in log.read_text() and _mid_trial(env, client, prefix)):
             assert proc.poll() is None, log.read_text()[-5000:]
             assert time.monotonic() < deadline, log.read_text()[-5000:]
             time.sleep(0.5)
