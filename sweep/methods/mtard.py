@@ -28,12 +28,14 @@ Deviations, and why:
 - KL is batchmean. The code averages over batch *and* classes (a 1/C loss scale; it cancels in
   the weight rule too) and computes log(p + 1e-5), which we do not copy.
 - The weights are constants in the loss (the code updates them from `.item()` values): the rule
-  is a schedule, not something the student's gradient acts on.
+  is a schedule, not something the student's gradient acts on. Here they are updated on the
+  device in float64 (the same arithmetic as Python floats), so a GPU step never waits for its
+  losses to reach the host; they are read back only for a checkpoint.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,12 +47,14 @@ EXPONENT = 1.0  # b in the rule above ("bert" in the authors' code)
 # fractions of the run after which weight_lr is divided by 10 (215, 260, 285 of 300 epochs)
 DECAY_AT = (215 / 300, 260 / 300, 285 / 300)
 TINY = 1e-12  # guards the normalisation when a first-batch loss is exactly 0
+Num = TypeVar("Num", float, torch.Tensor)
 
 
 def adaptive_weight(
-    w_nat: float, lhat_nat: float, lhat_adv: float, lr: float, exponent: float = EXPONENT
-) -> float:
-    """One step of the Adaptive Normalization Loss rule; returns the new w_nat (w_adv = 1 - w)."""
+    w_nat: Num, lhat_nat: Num, lhat_adv: Num, lr: float, exponent: float = EXPONENT
+) -> Num:
+    """One step of the Adaptive Normalization Loss rule; returns the new w_nat (w_adv = 1 - w).
+    Floats or tensors alike."""
     a, b = lhat_nat**exponent, lhat_adv**exponent
     return w_nat - lr * (w_nat - a / (a + b))
 
@@ -69,35 +73,52 @@ class MTARD(Method):
 
     def __init__(self, hp: dict[str, Any]) -> None:
         super().__init__(hp)
-        self.w_nat = 0.5
-        self.init_nat: float | None = None
-        self.init_adv: float | None = None
+        self._w: float | torch.Tensor = 0.5  # w_nat; a float64 tensor on the device once updated
+        self._init: torch.Tensor | None = None  # first-batch (L_nat, L_adv), float64
         self.lr = float(hp["weight_lr"])
+
+    # read back to the host: for checkpoints and inspection, never on the training step
+    @property
+    def w_nat(self) -> float:
+        return float(self._w)
 
     @property
     def w_adv(self) -> float:
         return 1.0 - self.w_nat
 
+    @property
+    def init_nat(self) -> float | None:
+        return None if self._init is None else float(self._init[0])
+
+    @property
+    def init_adv(self) -> float | None:
+        return None if self._init is None else float(self._init[1])
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
         decays = sum(epoch > f * epochs for f in DECAY_AT)
         self.lr = float(self.hp["weight_lr"]) * 0.1**decays
 
-    def update_weights(self, loss_nat: float, loss_adv: float) -> None:
-        """Record the first losses, then move w_nat toward the relative progress."""
-        if self.init_nat is None or self.init_adv is None:
-            self.init_nat, self.init_adv = loss_nat, loss_adv
-        lhat_nat = loss_nat / max(self.init_nat, TINY)
-        lhat_adv = loss_adv / max(self.init_adv, TINY)
-        if lhat_nat + lhat_adv > 0:  # both terms exactly 0: nothing to balance
-            self.w_nat = adaptive_weight(self.w_nat, lhat_nat, lhat_adv, self.lr)
+    def update_weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """Record the first losses (L_nat, L_adv), then move w_nat toward the relative
+        progress; all on the losses' device. Returns w_nat (a 0-dim float64 tensor)."""
+        losses = losses.detach().to(torch.float64)
+        if self._init is None:
+            self._init = losses.clone()
+        elif self._init.device != losses.device:  # loaded from a checkpoint
+            self._init = self._init.to(losses.device)
+        lhat = losses / self._init.clamp_min(TINY)
+        w = torch.as_tensor(self._w, dtype=torch.float64, device=losses.device)
+        moved = adaptive_weight(w, lhat[0], lhat[1], self.lr)
+        self._w = torch.where(lhat.sum() > 0, moved, w)  # both terms exactly 0: nothing to balance
+        return self._w
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         t = self.hp["temperature"]
         clean, robust = teachers
         kl_nat = t * t * soft_kl(student(x), self.teacher_logits(clean, x), t)
         kl_adv = t * t * soft_kl(student(x_adv), self.teacher_logits(robust, x_adv), t)
-        self.update_weights(*torch.stack([kl_nat, kl_adv]).detach().tolist())  # one sync, not two
-        return self.w_nat * kl_nat + self.w_adv * kl_adv
+        w = self.update_weights(torch.stack([kl_nat, kl_adv]))
+        return w.to(kl_nat.dtype) * kl_nat + (1 - w).to(kl_adv.dtype) * kl_adv
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"w_nat": self.w_nat, "w_adv": self.w_adv}
@@ -106,7 +127,8 @@ class MTARD(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.w_nat = float(state.get("w_nat", 0.5))
+        self._w = float(state.get("w_nat", 0.5))
         init_nat, init_adv = state.get("init_nat"), state.get("init_adv")
-        self.init_nat = None if init_nat is None else float(init_nat)
-        self.init_adv = None if init_adv is None else float(init_adv)
+        self._init = None
+        if init_nat is not None and init_adv is not None:
+            self._init = torch.tensor([float(init_nat), float(init_adv)], dtype=torch.float64)
