@@ -11,8 +11,10 @@ import ray
 import torch
 from conftest import tiny_spec_dict
 
+from sweep.checkpoints import trial_key
 from sweep.spec import parse_spec
-from sweep.tune import _trial_slots, _with_trial_resources
+from sweep.trial import SweepContext
+from sweep.tune import _finalize_early_stopped, _trial_slots, _with_trial_resources
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,24 @@ def test_trial_slots_follow_the_cluster_and_the_spec(tmp_path, local_ray):
     assert _trial_slots(_ctx(tmp_path, cpus_per_trial=0.5).spec) == 4
     assert _trial_slots(_ctx(tmp_path, cpus_per_trial=0.5, max_concurrent_trials=3).spec) == 3
     assert _trial_slots(_ctx(tmp_path, cpus_per_trial=4).spec) == 1  # waits, never 0
+
+
+def test_stopped_trials_whose_test_fails_are_recorded_failed_and_the_others_still_tested(
+    tmp_path, local_ray
+):
+    """Two ASHA-stopped trials whose checkpoints are gone: each test fails, each run is marked
+    FAILED with the reason, and the first failure does not keep the second from being tried."""
+    spec = parse_spec(tiny_spec_dict(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx = SweepContext(spec, str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, "t", None)
+    tracker, results, runs = ctx.tracker(), [], []
+    for k in range(2):
+        config = {"cell": "ce.kd.pgd", "cell_index": k, "seed": k, "hp": {}}
+        runs.append(tracker.start_run(f"ce.kd.pgd#{k}", tags={"kind": "student"}))
+        ctx.checkpoints().set_run_id(trial_key(config), runs[-1])
+        results.append(SimpleNamespace(config=config, error=None, metrics={"epoch": 1}))
+    assert _finalize_early_stopped(ctx, results, embedded=True) == 2
+    for run_id in runs:
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == "FAILED"
+        assert run.data.tags["failure_reason"].startswith("testing the early-stopped trial failed")
