@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """CUDA runs asynchronously: wait for the queued work before reading the clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -167,10 +167,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
     a @ b
     best = float("inf")
     for _ in range(reps):
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        sync_device(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         m = n * batch
         d = data
         part = Splits(info, d.x_train[:m], d.y_train[:m], d.x_val, d.y_val, d.x_test, d.y_test)
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         train_epoch(
             model,
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer=opt,
             schedule=sched,
         )
-        _sync(device)
+        sync_device(device)
         return time.perf_counter() - t
 
     flags = [n for n, on in (("bf16", args.bf16), ("channels_last", args.channels_last)) if on]

@@ -105,7 +105,7 @@ class TrialActor:
             optimizer=self.opt,
             schedule=self.sched,
         )
-        at._sync(self.device)
+        at.sync_device(self.device)
 
     def ready(self) -> str:
         return torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"

@@ -624,7 +624,7 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
 def _trial_slots(spec: SweepSpec) -> int:
     """How many trials the cluster can run at once now."""
     res, have = spec.resources, ray.cluster_resources()
-    slots = int(have.get("CPU", 0) // res.cpus_per_trial) if res.cpus_per_trial else 1 << 30
+    slots = int(have.get("CPU", 0) // res.cpus_per_trial)  # cpus_per_trial > 0 (spec)
     if res.gpus_per_trial:
         slots = min(slots, int(have.get("GPU", 0) // res.gpus_per_trial))
     if res.max_concurrent_trials:
