@@ -21,10 +21,10 @@ import torch
 import yaml
 from torch import nn
 
+from .context import get_splits, new_model
 from .spec import Cell, SweepSpec, parse_spec
-from .teachers import TeacherCache, teacher_hash
+from .teachers import TeacherCache, frozen, teacher_hash, teacher_identity
 from .tracking import Tracker
-from .trial import frozen, get_splits, new_model, teacher_identity
 
 
 @dataclass
@@ -87,8 +87,7 @@ def _load_teachers(
     cell = Cell(tags["teacher_loss"], tags["method"], tags["train_attack"])
     locations = {
         r.data.tags["teacher_hash"]: r.data.tags.get("cache_location", "")
-        for r in tracker.runs("teacher")
-        if r.data.tags.get("sweep") == tags.get("sweep")
+        for r in tracker.sweep_runs(tags.get("sweep", ""), "teacher")
     }
     out = []
     for t in spec.cell_teachers(cell):

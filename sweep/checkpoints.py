@@ -1,12 +1,12 @@
-"""Per-trial checkpoints, keyed by what the trial *is* (cell and index), not by Ray's trial id.
+"""Per-trial checkpoints, keyed by what the trial *is* (cell and number), not by Ray's trial id.
 
 Why not Tune's own checkpoints: Tune files them under its trial id, and a trial that the
 driver handed out after its last experiment snapshot comes back from `Tuner.restore` under a new
-id (or not at all). Keyed by `<cell>/<index>` (the Optuna trial's identity in its cell's study),
+id (or not at all). Keyed by `<cell>/<number>` (the Optuna trial's identity in its cell's study),
 the same trial finds its progress and its MLflow run whichever id, worker or machine runs it.
 
-Layout under `<sweep>/trials/<cell>/<index>/` (the k-th seed repeat of that configuration, see
-`repeats:`, under `<sweep>/trials/<cell>/<index>/repeat-<k>/`):
+Layout under `<sweep>/trials/<cell>/<number>/` (`TrialConfig.key`; the k-th seed repeat of
+that configuration, see `repeats:`, under `<sweep>/trials/<cell>/<number>/repeat-<k>/`):
 - `run.json`: the MLflow run id, written as soon as the run exists (before any epoch);
 - `state.pt`: the latest epoch's student, optimiser, schedule, method and RNG states, the epoch,
   the run id and that epoch's metrics, replaced atomically every epoch;
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from typing import Any
 
 import torch
@@ -27,27 +26,6 @@ from .store import Store
 
 STOPPED = "stopped"
 FAILED = "failed"
-
-
-def config_key(config: dict[str, Any]) -> str:
-    """`<cell>/<index>`: the configuration (a tuned trial and its seed repeats share it), with
-    the cell key made safe for any filesystem."""
-    cell = re.sub(r"[^A-Za-z0-9._=,-]", "_", str(config["cell"]))
-    return f"{cell}/{int(config['cell_index'])}"
-
-
-def trial_key(config: dict[str, Any]) -> str:
-    """Where one trial's checkpoints live: its configuration's folder, and for the k-th seed
-    repeat of that configuration a `repeat-k` folder inside it."""
-    k = int(config.get("repeat") or 0)
-    return config_key(config) + (f"/repeat-{k}" if k else "")
-
-
-def trial_label(config: dict[str, Any]) -> str:
-    """The readable name of a trial (its MLflow run name): `<cell>#<index>`, `.r<k>` for a
-    repeat."""
-    k = int(config.get("repeat") or 0)
-    return f"{config['cell']}#{config['cell_index']}" + (f".r{k}" if k else "")
 
 
 class TrialCheckpoints:

@@ -15,32 +15,29 @@ from typing import Any
 
 import torch
 
+from . import selection
 from .api import load_run
 from .evaluate import evaluate_suite, sanity_warnings
+from .layout import open_sweep
 from .spec import AttackRun, SweepSpec
-from .status import open_sweep
-from .store import is_remote
 from .tracking import Tracker
 
 PREFIX = "final"
 
 
 def best_runs(tracker: Tracker, spec: SweepSpec, top: int) -> dict[str, list[Any]]:
-    """Per cell, the `top` finished student runs by the sweep's first objective."""
-    obj = spec.objectives[0]
-    students = tracker.runs("student")
+    """Per cell, the finished runs of its `top` best configurations by the sweep's one rule
+    (selection.py), each configuration's tuned trial first, then its seed repeats: the run the
+    report names as a cell's best is the first run of the cell here."""
+    obj = selection.objective(spec)
+    by_cell: dict[str, list[Any]] = {}
+    for r in tracker.sweep_runs(spec.name, "student", status="FINISHED"):
+        by_cell.setdefault(r.data.tags.get("cell", ""), []).append(r)
     out: dict[str, list[Any]] = {}
     for cell in spec.cells():
-        runs = [
-            r
-            for r in students
-            if r.data.tags.get("cell") == cell.key
-            and r.data.tags.get("sweep") == spec.name
-            and r.info.status == "FINISHED"
-            and obj.metric in r.data.metrics
-        ]
-        runs.sort(key=lambda r: r.data.metrics[obj.metric], reverse=obj.mode == "max")
-        out[cell.key] = runs[:top]
+        candidates = selection.from_runs(by_cell.get(cell.key, []), obj, spec.budget.epochs)
+        ranked = selection.rank(candidates, obj)[:top]
+        out[cell.key] = [c.ref for r in ranked for c in r.runs]
     return out
 
 
@@ -109,14 +106,6 @@ def evaluate_finalists(
     return done
 
 
-def autoattack_state_dir(sweep_dir: str, name: str) -> Path:
-    """AutoAttack's resumable progress files: in the sweep's folder, or for a sweep on an
-    object store in this machine's cache (the evaluation runs here)."""
-    if is_remote(sweep_dir):
-        return Path.home() / ".cache" / "kdsweep" / "autoattack-final" / name
-    return Path(sweep_dir) / "autoattack-final"
-
-
 def evaluate_sweep(
     name: str,
     storage: str | Path = "./sweeps",
@@ -127,7 +116,8 @@ def evaluate_sweep(
     force: bool = False,
 ) -> list[tuple[str, dict[str, float]]]:
     """The CLI's entry point: find the sweep's spec and MLflow store from its folder."""
-    sweep_dir, state, spec = open_sweep(name, storage)
+    opened = open_sweep(name, storage)
+    spec, state = opened.spec, opened.state
     tracker = Tracker(state["mlflow_tracking_uri"], state["experiment"])
     runs = [AttackRun.model_validate(a) for a in attacks] if attacks else None
     device = "cuda" if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
@@ -139,5 +129,5 @@ def evaluate_sweep(
         examples=examples,
         device=device,
         force=force,
-        state_root=autoattack_state_dir(sweep_dir, name),
+        state_root=opened.layout.final_autoattack_state,
     )

@@ -27,12 +27,9 @@ Files written (to `<storage>/<name>/report`, or `out`):
 - `history/<cell>.png`: the cell's Optuna study, objective per trial number and best so far
   (characters other than letters, digits and `_.,=+-` in a cell key become `_`).
 
-Choosing the best (DESIGN §3.3): by the sweep's first objective, a validation metric, never by a
-test number. A configuration is scored by the value of the trial the sweep tuned (the run with
-no `repeat` tag), the number the sweep itself chose on; its seed repeats only estimate the
-spread of the test numbers. Re-ranking on repeat means would favour configurations that were
-never repeated (their single lucky value keeps its winner's-curse bias). As in `sweep evaluate`,
-every FINISHED run with the metric competes, so both commands name the same best run.
+Choosing the best: selection.py's rule, the one `sweep status`, the seed repeats and
+`sweep evaluate` use (by the first objective on validation; full-budget trials; a configuration
+scored by its tuned trial); `sweep evaluate --top 1` evaluates the run named here first.
 """
 
 from __future__ import annotations
@@ -52,10 +49,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import selection
+from .layout import open_sweep
+from .progress import cell_trials
 from .space import is_searched
 from .spec import SweepSpec
-from .status import open_sweep, study_name
-from .store import absolute, is_remote
 from .tracking import Tracker
 
 FIXED_COLUMNS = [
@@ -81,7 +79,6 @@ FIXED_COLUMNS = [
 METRIC_PREFIXES = ("train/", "val/", "test/", "final/")
 INT_COLUMNS = ("optuna_trial", "seed", "epochs_trained", "repeat")
 REFERENCE_TEACHER = "ce"
-MAX_PAGE = 50000  # MLflow's per-call ceiling: one call for any realistic sweep
 
 
 # --- reading the sweep ------------------------------------------------------------------------
@@ -96,54 +93,16 @@ class SweepData:
     students: list[Any]
     teachers: list[Any]
     studies: dict[str, list[optuna.trial.FrozenTrial]] = field(default_factory=dict)
-
-
-def search_sweep_runs(tracker: Tracker, sweep: str) -> list[Any]:
-    """All runs tagged with the sweep's name in one query (paged only past MLflow's ceiling);
-    split by kind in memory rather than one query per cell or per kind."""
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = tracker.client.search_runs(
-            [tracker.experiment_id],
-            filter_string=f"tags.sweep = '{sweep}'",
-            max_results=MAX_PAGE,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _has_sqlite_file(url: str) -> bool:
-    """Opening a missing SQLite file would create it: a report must not."""
-    if not url.startswith("sqlite:///"):
-        return True
-    return Path(url[len("sqlite:///") :]).exists()
-
-
-def read_studies(spec: SweepSpec, url: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
-    """Each cell's Optuna trials, for cells whose study exists (none for a sweep not started)."""
-    if not _has_sqlite_file(url):
-        return {}
-    storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
-    names = set(optuna.get_all_study_names(storage))
-    out = {}
-    for cell in spec.cells():
-        sname = study_name(spec.name, cell.key)
-        if sname in names:
-            study = optuna.load_study(study_name=sname, storage=storage)
-            out[cell.key] = study.get_trials(deepcopy=False)
-    return out
+    report_dir: Path | None = None  # where the report goes unless told (layout.py)
 
 
 def read_sweep(name: str, storage: str | Path) -> SweepData:
-    """The sweep's spec, its MLflow runs and its Optuna studies; FileNotFoundError if there is
-    no such sweep."""
-    _, state, spec = open_sweep(name, storage)
+    """The sweep's spec, its MLflow runs (one paged query, split by kind in memory) and its
+    Optuna studies; FileNotFoundError if there is no such sweep."""
+    opened = open_sweep(name, storage)
+    state, spec = opened.state, opened.spec
     tracker = Tracker(state["mlflow_tracking_uri"], state["experiment"])
-    runs = search_sweep_runs(tracker, name)
+    runs = tracker.sweep_runs(name)
     return SweepData(
         name=name,
         spec=spec,
@@ -151,7 +110,8 @@ def read_sweep(name: str, storage: str | Path) -> SweepData:
         tracker=tracker,
         students=[r for r in runs if r.data.tags.get("kind") == "student"],
         teachers=[r for r in runs if r.data.tags.get("kind") == "teacher"],
-        studies=read_studies(spec, state["optuna"]),
+        studies=cell_trials(spec, opened.layout, create=False),
+        report_dir=opened.layout.report,
     )
 
 
@@ -258,6 +218,7 @@ class Best:
     cell: str
     config: str
     run_name: str
+    run_id: str
     score: float  # the validation objective it was chosen by
     n: int
     hp: str
@@ -272,17 +233,6 @@ def reported_metrics(spec: SweepSpec, df: pd.DataFrame) -> list[str]:
     return names + final
 
 
-def _config_score(group: pd.DataFrame, metric: str) -> float:
-    """The tuned trial's value (no `repeat` tag, or 0); the mean if only repeats finished."""
-    tuned = group[group["repeat"].fillna(0) == 0]
-    return float((tuned if len(tuned) else group)[metric].mean())
-
-
-def _first_trial(group: pd.DataFrame) -> int:
-    n = group["optuna_trial"].dropna()
-    return int(n.min()) if len(n) else 1 << 30
-
-
 def _hp_text(spec: SweepSpec, row: pd.Series) -> str:
     """The searched hyperparameters of a configuration, as `name=value`."""
     out = []
@@ -293,29 +243,46 @@ def _hp_text(spec: SweepSpec, row: pd.Series) -> str:
     return ", ".join(out) or "-"
 
 
+def _candidates(spec: SweepSpec, rows: pd.DataFrame) -> list[selection.Candidate]:
+    """A cell's FINISHED rows as selection.py sees them (as `selection.from_runs` reads runs)."""
+    obj = selection.objective(spec)
+    out = []
+    for _, row in rows[rows["status"] == "FINISHED"].iterrows():
+        value, number, repeat = row[obj.metric], row["optuna_trial"], row["repeat"]
+        trained = row["epochs_trained"]
+        out.append(
+            selection.Candidate(
+                config=str(row["config"]),
+                number=None if pd.isna(number) else int(number),
+                repeat=0 if pd.isna(repeat) else int(repeat),
+                value=float("nan") if pd.isna(value) else float(value),
+                full=not pd.isna(trained) and int(trained) >= spec.budget.epochs,
+                ref=row,
+            )
+        )
+    return out
+
+
 def best_configs(spec: SweepSpec, df: pd.DataFrame) -> dict[str, Best]:
-    """Per cell with a finished run: the configuration best by the validation objective."""
-    obj = spec.objectives[0]
+    """Per cell with a finished run: its best configuration by the sweep's one rule
+    (selection.py), with the test numbers over the configuration's finished runs."""
+    obj = selection.objective(spec)
     if obj.metric not in df:
         return {}
-    done = df[(df["status"] == "FINISHED") & df[obj.metric].notna()]
     metrics = [m for m in reported_metrics(spec, df) if m in df]
     out: dict[str, Best] = {}
-    for cell, rows in done.groupby("cell", sort=False):
-        # as the sweep chose for its repeats: among trials that trained the whole budget (an
-        # early-stopped trial's value is from an earlier epoch), unless there are none
-        full = rows[rows["epochs_trained"] >= spec.budget.epochs]
-        rows = full if len(full) else rows
-        scored = [(_config_score(g, obj.metric), k, g) for k, g in rows.groupby("config")]
-        sign = -1 if obj.mode == "max" else 1
-        # ties: the configuration the sweep tried first
-        score, config, group = min(scored, key=lambda s: (sign * s[0], _first_trial(s[2])))
-        first = group.sort_values(["repeat"], na_position="first").iloc[0]
+    for cell, rows in df.groupby("cell", sort=False):
+        best = selection.best(_candidates(spec, rows), obj)
+        if best is None:
+            continue
+        group = pd.DataFrame([c.ref for c in best.runs])
+        first = group.iloc[0]
         out[str(cell)] = Best(
             cell=str(cell),
-            config=str(config),
+            config=best.config,
             run_name=str(first["run_name"]),
-            score=score,
+            run_id=str(first["run_id"]),
+            score=best.score,
             n=len(group),
             hp=_hp_text(spec, first),
             mean={m: float(group[m].mean()) for m in metrics},
@@ -638,19 +605,11 @@ def log_to_parent(tracker: Tracker, run_id: str, out: Path, files: list[Path]) -
     tracker.log_artifacts(run_id, {str(f.relative_to(out)): f for f in files}, path="report")
 
 
-def default_report_dir(name: str, storage: str | Path) -> Path:
-    """`<storage>/<name>/report` for a local sweep; plots are written locally, so for a sweep
-    on an object store `./<name>-report` (the files also go to MLflow, under report/)."""
-    if is_remote(storage):
-        return Path(f"{name}-report").resolve()
-    return Path(absolute(storage)) / name / "report"
-
-
 def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | None = None) -> str:
     """Write the report of sweep `name` and log it to the sweep's parent MLflow run; returns a
     short summary of what was written and what is missing. FileNotFoundError: no such sweep."""
     data = read_sweep(name, storage)
-    out_dir = Path(out) if out else default_report_dir(name, storage)
+    out_dir = Path(out) if out else data.report_dir
     (out_dir / "history").mkdir(parents=True, exist_ok=True)
     df = trials_table(data.spec, data.students)
     best = best_configs(data.spec, df)

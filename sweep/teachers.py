@@ -9,6 +9,10 @@ The store is a local folder or any pyarrow filesystem URI (`s3://bucket/sweeps/t
 `gs://...`, `file:///...`). Files are read whole and checked against the sha256 in their
 metadata before `torch.load(weights_only=True)`: a truncated or corrupted file is retrained,
 never unpickled. Teacher losses themselves live in teacher_losses.py.
+
+Below the cache: what defines a sweep's teacher (its identity, hashed), how it is trained and
+measured, and `get_teacher`, which finds it in the cache or trains it and records it as the
+sweep's MLflow teacher run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cmi import output_metrics
+from .context import SweepContext, augmentation, fast_path, new_model, optim_settings
+from .data import Splits
+from .fast import to_format, training_forwards
+from .measure import test_metrics, val_subset, validation_metrics
+from .spec import SweepSpec
 from .store import Store, locked
+from .teacher_defs import TeacherDef
+from .teacher_losses import TEACHER_LOSSES
+from .training import make_optimization, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +174,104 @@ class TeacherCache:
             if on_ready is not None:
                 on_ready(record)
         return record
+
+
+# --- a sweep's teachers: identity, training, the cache and the MLflow run -----------------------
+def teacher_identity(spec: SweepSpec, t: TeacherDef) -> dict[str, Any]:
+    """Everything that defines a teacher, and nothing that does not (paths, sweep name, label)."""
+    d = spec.dataset
+    return {
+        "dataset": {
+            "name": d.name,
+            "val_fraction": d.val_fraction,
+            "test_fraction": d.test_fraction,
+            "split_seed": d.split_seed,
+            "augment": d.augment,
+        }
+        | ({"strong_augment": d.strong_augment} if d.strong_augment != "none" else {}),
+        "arch": t.arch,
+        "loss": t.loss,
+        "loss_params": t.params_dict(),
+        "epochs": t.epochs,
+        "optim": spec.teacher.optim.model_dump(),
+        "seed": t.seed,
+    }
+
+
+def teacher_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
+    """How the seed papers compare teachers: accuracy, robustness, and CMI / NCMI of the output
+    distributions on the validation split."""
+    x, y = val_subset(spec, data)
+    info = output_metrics(model, x, y, batch_size=spec.evaluation.batch_size)
+    return {
+        **validation_metrics(spec, model, data),
+        **{f"val/{k}": v for k, v in info.items()},
+        **test_metrics(spec, model, data),
+    }
+
+
+def train_teacher(
+    spec: SweepSpec, t: TeacherDef, model: nn.Module, data: Splits
+) -> dict[str, float]:
+    """Train a freshly initialised `model` (get_teachers seeds its initialisation)."""
+    objective = TEACHER_LOSSES.get(t.loss)(t.params_dict(), data.info.num_classes)
+    optim = optim_settings(spec.teacher.optim)
+    opt, sched = make_optimization(model, optim, t.epochs, len(data.x_train))
+    objective.begin(model, data.x_train, data.y_train, optim["batch_size"])
+    # the teacher's training steps take the fast path too (not compiled: trained once per sweep)
+    fast = fast_path(spec, data.x_train.device)
+    for epoch in range(t.epochs):
+        with training_forwards(fast, model):
+            loss_value = train_epoch(
+                model,
+                data,
+                batch_size=optim["batch_size"],
+                augmentation=augmentation(spec, data),
+                step_loss=lambda x, y: objective.loss(model, to_format(x, fast), y),
+                optimizer=opt,
+                schedule=sched,
+            )
+        objective.end_epoch()
+        # printed, not logged: Ray forwards worker stdout to the driver's console
+        print(f"teacher {t.label}: epoch {epoch + 1}/{t.epochs} loss {loss_value:.4f}", flush=True)
+    model.eval()
+    return teacher_metrics(spec, model, data)
+
+
+def get_teacher(
+    ctx: SweepContext, t: TeacherDef, data: Splits, device: torch.device
+) -> tuple[nn.Module, TeacherRecord]:
+    """The teacher `t`, from the cache or trained now; frozen, in eval mode."""
+    spec = ctx.spec
+    seed_everything(t.seed)  # a teacher depends on its own seed, not the trial's
+    model = new_model(t.arch, data, device, fast_path(spec, device))
+    identity = teacher_identity(spec, t)
+
+    def on_ready(record: TeacherRecord) -> None:
+        ctx.tracker().ensure_teacher_run(
+            record,
+            label=t.label,
+            params={"label": t.label, **identity},
+            parent_run_id=ctx.parent_run_id,
+            sweep=spec.name,
+        )
+
+    record = TeacherCache(ctx.layout.teachers).get_or_train(
+        identity, model, lambda m: train_teacher(spec, t, m, data), on_ready
+    )
+    return frozen(model), record
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """Eval mode, no parameter requires grad: how teachers are used and runs are analysed."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def get_teachers(
+    ctx: SweepContext, defs: list[TeacherDef], data: Splits, device: torch.device
+) -> tuple[list[nn.Module], list[TeacherRecord]]:
+    pairs = [get_teacher(ctx, t, data, device) for t in defs]
+    return [m for m, _ in pairs], [r for _, r in pairs]

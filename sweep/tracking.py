@@ -1,4 +1,4 @@
-"""MLflow, and nothing else imports it.
+"""MLflow, and nothing else imports it: the only door to the tracking store.
 
 Layout (made for the MLflow UI): one experiment per sweep; a parent run for the sweep; one child
 run per trial, named `<cell>#<index>`, and one per distinct teacher, named `teacher:<loss>:<hash>`.
@@ -6,6 +6,12 @@ Runs are addressed by id through MlflowClient, never through the fluent API's gl
 so a reused Ray actor can never log into the previous trial's run. Trial run ids are stored in the
 trial's checkpoint so a restored trial continues the same run (Ray's MLflowLoggerCallback would
 open a new one; DESIGN §3.7).
+
+Tags mean the same on every kind of run: `kind` (sweep | student | teacher), `sweep` (the sweep's
+name), `teacher_loss` (a teacher-loss label as it appears in cell keys: the cell's on a student
+run, the teacher's own on a teacher run; the registered loss name is the teacher run's param
+`loss`), `method`, `train_attack`, `cell`, `config_key`, `optuna_trial`, `repeat` (students).
+Every query of "the runs of this sweep" is `Tracker.sweep_runs`, paged: no cap on the count.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LEN = 6000
+PAGE = 1000  # runs per search call; `_search` pages through all of them
 
 
 def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
@@ -154,14 +161,7 @@ class Tracker:
     def close_running(self, sweep: str, status: str, reason: str) -> list[str]:
         """Set every still-RUNNING student run of `sweep` to `status` (KILLED when the sweep
         was interrupted, so the UI does not show runs as live that nothing is running)."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(
-                f"tags.kind = 'student' and tags.sweep = '{sweep}' "
-                "and attributes.status = 'RUNNING'"
-            ),
-            max_results=10000,
-        )
+        runs = self.sweep_runs(sweep, "student", status="RUNNING")
         for r in runs:
             self.set_tags(r.info.run_id, {"stopped_because": reason})
             self.finish(r.info.run_id, status)
@@ -213,14 +213,7 @@ class Tracker:
         cache's TeacherRecord. Callers hold the teacher's cache lock, so the search-then-create
         below does not race. A teacher retrained mid-sweep (corrupt cache file) updates its run.
         """
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(
-                f"tags.kind = 'teacher' and tags.teacher_hash = '{record.hash}' "
-                f"and tags.sweep = '{sweep}'"
-            ),
-            max_results=1,
-        )
+        found = self.sweep_runs(sweep, "teacher", where=f"tags.teacher_hash = '{record.hash}'")
         tags = {"cache_event": record.event, "from_cache": str(not record.trained).lower()}
         if record.problem:
             tags["cache_problem"] = record.problem[:5000]
@@ -236,7 +229,7 @@ class Tracker:
             tags={
                 "kind": "teacher",
                 "teacher_hash": record.hash,
-                "teacher_loss": params.get("loss", label),
+                "teacher_loss": label,  # as on student runs; the loss's name: param `loss`
                 "teacher_label": label,
                 "sweep": sweep,
                 "cache_location": record.location,
@@ -248,9 +241,51 @@ class Tracker:
         self.finish(run_id)
         return run_id
 
-    def runs(self, kind: str | None = None) -> list[Any]:
-        flt = f"tags.kind = '{kind}'" if kind else ""
-        return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=10000)
+    # --- reading ---------------------------------------------------------------------------
+    def _search(self, filter_string: str) -> list[Any]:
+        """Every run of the experiment matching `filter_string`, page by page."""
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string, max_results=PAGE, page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def sweep_runs(
+        self,
+        sweep: str,
+        kind: str | None = None,
+        *,
+        status: str | None = None,
+        repeats: bool = False,
+        where: str = "",
+    ) -> list[Any]:
+        """The runs of sweep `sweep`: all of them, or of one `kind` (sweep, student, teacher),
+        only those in `status`, only seed repeats, or matching a further MLflow filter."""
+        terms = [f"tags.sweep = '{sweep}'"]
+        if kind:
+            terms.append(f"tags.kind = '{kind}'")
+        if status:
+            terms.append(f"attributes.status = '{status}'")
+        if repeats:
+            terms.append("tags.repeat LIKE '%'")
+        if where:
+            terms.append(where)
+        return self._search(" and ".join(terms))
+
+    def run(self, run_id: str) -> Any:
+        return self.client.get_run(run_id)
+
+    def metrics(self, run_id: str) -> dict[str, float]:
+        """The run's metrics, each at its last logged value."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def experiment_name(self) -> str:
+        return self.client.get_experiment(self.experiment_id).name
 
 
 def default_artifact_root(tracking_uri: str, experiment: str) -> str | None:

@@ -1,20 +1,17 @@
 """One trial: teacher(s) from the cache -> train the student -> report each epoch -> test once.
 
-Plain Python: Ray reaches this module only through the `report` callback that tune.py passes in,
-so a trial can also be run in a loop (bench/) or a test without Ray.
+Plain Python: Ray reaches this module only through the `report` callback that the driver passes
+in, so a trial can also be run in a loop (bench/) or a test without Ray.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import random
 import socket
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,261 +19,30 @@ import torch
 from torch import nn
 
 from .attacks import run_attack
-from .checkpoints import FAILED, STOPPED, TrialCheckpoints, config_key, trial_key, trial_label
-from .cmi import output_metrics
-from .data import Splits, load_splits, make_augmentation
-from .evaluate import accuracy, evaluate_suite, sanity_warnings
-from .fast import FastPath, maybe_compile, prepare, resolve, to_format, training_forwards
+from .checkpoints import FAILED, STOPPED
+from .config import TrialConfig
+from .context import (
+    SweepContext,
+    augmentation,
+    fast_path,
+    get_splits,
+    new_model,
+    optim_settings,
+    pick_device,
+)
+from .data import Splits
+from .evaluate import sanity_warnings
+from .fast import maybe_compile, to_format, training_forwards
+from .measure import test_metrics, validation_metrics
 from .methods import METHODS
-from .models import build_model
-from .spec import TRAINING_PARAMS, Cell, SweepSpec, dump_spec
-from .teacher_defs import TeacherDef
-from .teacher_losses import TEACHER_LOSSES
-from .teachers import TeacherCache, TeacherRecord
+from .spec import SweepSpec, dump_spec
+from .teachers import get_teachers
 from .tracking import Tracker
 from .training import Diverged, make_optimization, seed_everything, train_epoch
 
 Report = Callable[[dict[str, float], dict[str, Any]], None]  # (metrics, checkpoint state)
 
 
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial of a sweep shares, resolved once by the driver (absolute paths)."""
-
-    spec: SweepSpec
-    sweep_dir: str
-    teacher_dir: str
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str | None
-
-    def tracker(self) -> Tracker:
-        return _tracker(self.tracking_uri, self.experiment)
-
-    def checkpoints(self) -> TrialCheckpoints:
-        return TrialCheckpoints(f"{self.sweep_dir}/trials")
-
-
-@functools.lru_cache(maxsize=4)
-def _tracker(uri: str, experiment: str) -> Tracker:
-    return Tracker(uri, experiment)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_splits(device: str, **kw: Any) -> Splits:
-    """Reused Ray actors load a dataset once, not once per trial, and keep it on the trial's
-    device: on a GPU the whole dataset stays there as tensors (batches, augmentation and
-    attacks never touch the host), and is not copied again for each trial."""
-    return load_splits(**kw).to(device)
-
-
-def get_splits(spec: SweepSpec, device: torch.device) -> Splits:
-    d = spec.dataset
-    return _cached_splits(
-        str(device),
-        name=d.name,
-        data_dir=d.data_dir,
-        download=d.download,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        split_seed=d.split_seed,
-    )
-
-
-def pick_device(spec: SweepSpec) -> torch.device:
-    if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def new_model(
-    arch: str, data: Splits, device: torch.device, fast: FastPath | None = None
-) -> nn.Module:
-    """A freshly initialised network on `device`, in the memory format `fast` asks for."""
-    info = data.info
-    model = build_model(
-        arch, in_channels=info.shape[0], num_classes=info.num_classes, mean=info.mean, std=info.std
-    ).to(device)
-    return prepare(model, fast) if fast is not None else model
-
-
-def fast_path(spec: SweepSpec, device: torch.device) -> FastPath:
-    """The trial's `compute:` settings resolved on its device (auto: bf16 + channels_last on
-    CUDA, plain fp32 on a CPU)."""
-    return resolve(spec.compute, device)
-
-
-def _optim_dict(optim: Any, hp: dict[str, Any] | None = None) -> dict[str, Any]:
-    out = optim.model_dump()
-    for k in TRAINING_PARAMS:
-        if hp and k in hp:
-            out[k] = hp[k]
-    return out
-
-
-def augmentation(spec: SweepSpec, data: Splits) -> Any:
-    d = spec.dataset
-    return make_augmentation(data.info, basic=d.augment, strong=d.strong_augment)
-
-
-def _val_subset(spec: SweepSpec, data: Splits) -> tuple[torch.Tensor, torch.Tensor]:
-    n = spec.evaluation.val_examples or len(data.x_val)
-    return data.x_val[:n], data.y_val[:n]
-
-
-def validation_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
-    """The cheap per-epoch check that Optuna and ASHA see: validation split only."""
-    x, y = _val_subset(spec, data)
-    ev = spec.evaluation
-    with torch.no_grad():
-        model.eval()
-        logits = torch.cat(
-            [model(x[i : i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)]
-        )
-        val_loss = torch.nn.functional.cross_entropy(logits, y).item()
-    clean = logits.argmax(1) == y
-    return {
-        "val/clean_acc": int(clean.sum()) / max(len(y), 1),  # as `accuracy` counts
-        "val/robust_acc": accuracy(
-            model,
-            x,
-            y,
-            attack=ev.val_attack,
-            eps=spec.threat.eps,
-            norm=spec.threat.norm,
-            batch_size=ev.batch_size,
-            clean=clean,
-        ),
-        "val/loss": val_loss,
-    }
-
-
-def test_metrics(
-    spec: SweepSpec,
-    model: nn.Module,
-    data: Splits,
-    *,
-    state_dir: Path | None = None,
-    flags: list[str] | None = None,
-) -> dict[str, float]:
-    """The full suite on the test split: computed once per finished trial, never tuned on.
-    AutoAttack progress is kept in `state_dir` (resumed if interrupted)."""
-    n = spec.evaluation.test_examples or len(data.x_test)
-    return evaluate_suite(
-        model,
-        data.x_test[:n],
-        data.y_test[:n],
-        spec.evaluation.attacks,
-        eps=spec.threat.eps,
-        norm=spec.threat.norm,
-        batch_size=spec.evaluation.batch_size,
-        state_dir=state_dir,
-        flags=flags,
-    )
-
-
-# --- teachers --------------------------------------------------------------------------------
-def teacher_identity(spec: SweepSpec, t: TeacherDef) -> dict[str, Any]:
-    """Everything that defines a teacher, and nothing that does not (paths, sweep name, label)."""
-    d = spec.dataset
-    return {
-        "dataset": {
-            "name": d.name,
-            "val_fraction": d.val_fraction,
-            "test_fraction": d.test_fraction,
-            "split_seed": d.split_seed,
-            "augment": d.augment,
-        }
-        | ({"strong_augment": d.strong_augment} if d.strong_augment != "none" else {}),
-        "arch": t.arch,
-        "loss": t.loss,
-        "loss_params": t.params_dict(),
-        "epochs": t.epochs,
-        "optim": spec.teacher.optim.model_dump(),
-        "seed": t.seed,
-    }
-
-
-def teacher_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
-    """How the seed papers compare teachers: accuracy, robustness, and CMI / NCMI of the output
-    distributions on the validation split."""
-    x, y = _val_subset(spec, data)
-    info = output_metrics(model, x, y, batch_size=spec.evaluation.batch_size)
-    return {
-        **validation_metrics(spec, model, data),
-        **{f"val/{k}": v for k, v in info.items()},
-        **test_metrics(spec, model, data),
-    }
-
-
-def train_teacher(
-    spec: SweepSpec, t: TeacherDef, model: nn.Module, data: Splits
-) -> dict[str, float]:
-    """Train a freshly initialised `model` (get_teachers seeds its initialisation)."""
-    objective = TEACHER_LOSSES.get(t.loss)(t.params_dict(), data.info.num_classes)
-    optim = _optim_dict(spec.teacher.optim)
-    opt, sched = make_optimization(model, optim, t.epochs, len(data.x_train))
-    objective.begin(model, data.x_train, data.y_train, optim["batch_size"])
-    # the teacher's training steps take the fast path too (not compiled: trained once per sweep)
-    fast = fast_path(spec, data.x_train.device)
-    for epoch in range(t.epochs):
-        with training_forwards(fast, model):
-            loss_value = train_epoch(
-                model,
-                data,
-                batch_size=optim["batch_size"],
-                augmentation=augmentation(spec, data),
-                step_loss=lambda x, y: objective.loss(model, to_format(x, fast), y),
-                optimizer=opt,
-                schedule=sched,
-            )
-        objective.end_epoch()
-        # printed, not logged: Ray forwards worker stdout to the driver's console
-        print(f"teacher {t.label}: epoch {epoch + 1}/{t.epochs} loss {loss_value:.4f}", flush=True)
-    model.eval()
-    return teacher_metrics(spec, model, data)
-
-
-def get_teacher(
-    ctx: SweepContext, t: TeacherDef, data: Splits, device: torch.device
-) -> tuple[nn.Module, TeacherRecord]:
-    """The teacher `t`, from the cache or trained now; frozen, in eval mode."""
-    spec = ctx.spec
-    seed_everything(t.seed)  # a teacher depends on its own seed, not the trial's
-    model = new_model(t.arch, data, device, fast_path(spec, device))
-    identity = teacher_identity(spec, t)
-
-    def on_ready(record: TeacherRecord) -> None:
-        ctx.tracker().ensure_teacher_run(
-            record,
-            label=t.label,
-            params={"label": t.label, **identity},
-            parent_run_id=ctx.parent_run_id,
-            sweep=spec.name,
-        )
-
-    record = TeacherCache(ctx.teacher_dir).get_or_train(
-        identity, model, lambda m: train_teacher(spec, t, m, data), on_ready
-    )
-    return frozen(model), record
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    """Eval mode, no parameter requires grad: how teachers are used and runs are analysed."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def get_teachers(
-    ctx: SweepContext, defs: list[TeacherDef], data: Splits, device: torch.device
-) -> tuple[list[nn.Module], list[TeacherRecord]]:
-    pairs = [get_teacher(ctx, t, data, device) for t in defs]
-    return [m for m, _ in pairs], [r for _, r in pairs]
-
-
-# --- students --------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
     """Plain tensors and tuples only, so checkpoints load with weights_only=True."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -294,15 +60,15 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
 
 
-def trial_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+def trial_params(spec: SweepSpec, config: TrialConfig) -> dict[str, Any]:
     """What MLflow records as the run's params: the cell's axes, every resolved hyperparameter,
     and the settings a reader needs to compare runs."""
     return {
-        "teacher_loss": config["teacher_loss"],
-        "method": config["method"],
-        "train_attack": config["train_attack"],
-        **config["hp"],
-        "seed": config["seed"],
+        "teacher_loss": config.teacher_loss,
+        "method": config.method,
+        "train_attack": config.train_attack,
+        **config.hp,
+        "seed": config.seed,
         "epochs": spec.budget.epochs,
         "dataset": spec.dataset.name,
         "student_arch": spec.student.arch,
@@ -337,7 +103,7 @@ def finalize(
     if tracker.status(run_id) == "FINISHED":
         return {}
     flags: list[str] = []
-    state_dir = Path(ctx.sweep_dir) / "autoattack" / run_id
+    state_dir = ctx.layout.autoattack_state(run_id)
     metrics = test_metrics(ctx.spec, model, data, state_dir=state_dir, flags=flags)
     # a finalize cut short (killed) and run again must not log the test metrics twice
     tracker.log_metrics(run_id, metrics, step=epoch, logged=tracker.logged_steps(run_id))
@@ -357,7 +123,7 @@ def finalize(
 
 def _student_run(
     ctx: SweepContext,
-    config: dict[str, Any],
+    config: TrialConfig,
     key: str,
     t_hash: str,
     resume_run: str | None,
@@ -368,23 +134,23 @@ def _student_run(
     tags naming the process running it now (host, pid, Ray node)."""
     tracker, spec = ctx.tracker(), ctx.spec
     if resume_run:
-        tracker.resume_run(resume_run, {"trial_id": config.get("trial_id", ""), **where})
+        tracker.resume_run(resume_run, {"trial_id": config.trial_id, **where})
         return resume_run
-    repeat = {"repeat": str(config["repeat"])} if config.get("repeat") else {}
+    repeat = {"repeat": str(config.repeat)} if config.repeat else {}
     run_id = tracker.start_run(
-        trial_label(config),
+        config.label,
         params=trial_params(spec, config),
         tags={
             "kind": "student",
             "sweep": spec.name,
-            "cell": config["cell"],
-            "config_key": config_key(config),
+            "cell": config.cell,
+            "config_key": config.config_key,
             **repeat,
-            "teacher_loss": config["teacher_loss"],
-            "method": config["method"],
-            "train_attack": config["train_attack"],
-            "trial_id": config.get("trial_id", ""),
-            "optuna_trial": str(config.get("optuna_number", "")),
+            "teacher_loss": config.teacher_loss,
+            "method": config.method,
+            "train_attack": config.train_attack,
+            "trial_id": config.trial_id,
+            "optuna_trial": str(config.number),
             "teacher_hash": t_hash,
             **where,
         },
@@ -400,7 +166,7 @@ class TrialFailed(RuntimeError):
 
 def run_trial(
     ctx: SweepContext,
-    config: dict[str, Any],
+    config: TrialConfig,
     report: Report,
     threads: int | None = None,
     where: dict[str, str] | None = None,
@@ -410,7 +176,7 @@ def run_trial(
     `cell_index`. Every epoch: log to MLflow, checkpoint, then report (see checkpoints.py).
     `where`: extra run tags saying where it runs (the Ray node, from tune.py)."""
     spec = ctx.spec
-    key = trial_key(config)
+    key = config.key
     checkpoints = ctx.checkpoints()
     outcome = checkpoints.outcome(key)
     if outcome and outcome["status"] == FAILED:
@@ -427,19 +193,18 @@ def run_trial(
 
     if threads:
         torch.set_num_threads(threads)
-    seed_everything(config["seed"])
+    seed_everything(config.seed)
     device = pick_device(spec)
     data = get_splits(spec, device)
-    method = METHODS.get(config["method"])(config["hp"])
+    method = METHODS.get(config.method)(config.hp)
 
-    cell = Cell(config["teacher_loss"], config["method"], config["train_attack"])
-    teachers, records = get_teachers(ctx, spec.cell_teachers(cell), data, device)
+    teachers, records = get_teachers(ctx, spec.cell_teachers(config.grid_cell), data, device)
     t_hash = ",".join(r.hash for r in records)
-    seed_everything(config["seed"])
+    seed_everything(config.seed)
 
     fast = fast_path(spec, device)
     student = new_model(spec.student.arch, data, device, fast)
-    optim = _optim_dict(spec.student.optim, config["hp"])
+    optim = optim_settings(spec.student.optim, config.hp)
     opt, sched = make_optimization(student, optim, spec.budget.epochs, len(data.x_train))
     start = 0
     if resume:
@@ -462,7 +227,7 @@ def run_trial(
 
     def attack(model: nn.Module, x: torch.Tensor, objective: Any) -> torch.Tensor:
         return run_attack(
-            config["train_attack"],
+            config.train_attack,
             model,
             x,
             objective,
@@ -509,17 +274,17 @@ def run_trial(
 
 def _final_result(tracker: Tracker, run_id: str, epochs: int) -> dict[str, float]:
     """A finished run's last validation metrics, as the trial reported them."""
-    metrics = tracker.client.get_run(run_id).data.metrics
+    metrics = tracker.metrics(run_id)
     return {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))} | {
         "epoch": epochs
     }
 
 
 def finalize_from_state(
-    ctx: SweepContext, config: dict[str, Any], state: dict[str, Any]
+    ctx: SweepContext, config: TrialConfig, state: dict[str, Any]
 ) -> dict[str, float]:
     """For a trial stopped early by ASHA: evaluate its last checkpoint and finish its run."""
-    seed_everything(config["seed"])
+    seed_everything(config.seed)
     device = pick_device(ctx.spec)
     data = get_splits(ctx.spec, device)
     model = new_model(ctx.spec.student.arch, data, device, fast_path(ctx.spec, device))

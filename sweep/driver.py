@@ -1,0 +1,403 @@
+"""The driver: run or resume a whole sweep on Ray Tune, finish what Tune leaves, report progress.
+
+One Tune experiment runs every cell; the search inside each cell is search.py's, each trial is
+trial.py's. Ray lives here and in search.py only. The driver decides what runs where (embedded
+Ray on loopback, or a cluster), trains teachers first where trials cannot share a lock, tests the
+trials ASHA stopped, and leaves nothing RUNNING when interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from .checkpoints import FAILED, STOPPED
+from .config import TrialConfig
+from .context import SweepContext, get_splits, pick_device
+from .layout import SweepLayout, open_sweep
+from .progress import sweep_progress
+from .search import CellASHA, CellSearcher
+from .spec import SweepSpec, dump_spec
+from .store import is_remote
+from .teachers import get_teacher
+from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
+from .trial import finalize_from_state, run_trial
+
+
+class SweepExists(Exception):
+    pass
+
+
+def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
+    """The Tune function trainable. Progress lives in the sweep's own checkpoints
+    (checkpoints.py), keyed by the trial's cell and index, so Tune gets metrics only."""
+    for name in ("ray.train", "ray.tune"):  # per-report INFO lines drown the progress
+        logging.getLogger(name).setLevel(logging.WARNING)
+    threads = max(1, int(ctx.spec.resources.cpus_per_trial))
+    where = {"ray_node_id": ray.get_runtime_context().get_node_id()}
+    run_trial(
+        ctx,
+        TrialConfig.from_dict(config),
+        lambda metrics, _state: tune.report(metrics),
+        threads=threads,
+        where=where,
+    )
+
+
+class Progress(tune.Callback):
+    """One line per finished trial, and the bookkeeping Tune's own events call for: a trial
+    ASHA stopped is marked so a restart does not train it on; a trial that failed for good
+    (retries spent, worker lost) has its MLflow run ended FAILED with the reason."""
+
+    def __init__(self, ctx: SweepContext, total: int, done: int = 0) -> None:
+        self.ctx, self.spec = ctx, ctx.spec
+        self.total, self.done, self.t0 = total, done, time.time()
+
+    def _line(self, trial: Any, what: str) -> None:
+        self.done += 1
+        c, r = trial.config, trial.last_result or {}
+        label = TrialConfig.from_dict(c).label if c else trial.trial_id
+        metric = self.spec.objectives[0].metric
+        val = r.get(metric)
+        shown = f"{metric}={val:.4f}" if isinstance(val, float) else "no result"
+        print(
+            f"[{self.done}/{self.total} trials, {time.time() - self.t0:.0f}s] "
+            f"{label} {what}: {shown} "
+            f"(epoch {r.get('epoch', 0)}/{self.spec.budget.epochs})",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        if epoch < self.spec.budget.epochs:
+            key = TrialConfig.from_dict(trial.config).key
+            self.ctx.checkpoints().set_outcome(key, STOPPED, "asha")
+        self._line(trial, "done" if epoch >= self.spec.budget.epochs else "stopped by ASHA")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        c = TrialConfig.from_dict(trial.config)
+        outcome = self.ctx.checkpoints().outcome(c.key)
+        if outcome and outcome["status"] == FAILED:  # the restart only re-raises the reason
+            return
+        print(
+            f"{c.label} failed, retrying from its checkpoint "
+            f"({trial.num_failures}/{self.spec.resources.max_failures})",
+            flush=True,
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.ctx.checkpoints().run_id(TrialConfig.from_dict(trial.config).key)
+        if run_id:  # the trial ends its run itself when it can; a killed worker cannot
+            tracker = self.ctx.tracker()
+            if tracker.status(run_id) == "RUNNING":
+                tracker.fail(run_id, "worker_lost", str(getattr(trial, "error_msg", "")))
+        self._line(trial, "FAILED")
+
+
+# --- the driver ---------------------------------------------------------------------------------
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start an embedded Ray on loopback.
+    True when Ray is embedded (this machine is all there is)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return not address
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback (DESIGN §3.8)
+    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    return True
+
+
+class NotEnoughResources(Exception):
+    pass
+
+
+def check_resources(spec: SweepSpec, embedded: bool) -> None:
+    """A trial asking for more than any node has would wait forever: say so before it starts.
+    On a cluster that may still scale up (no node fits *now*) this is only a warning."""
+    res = spec.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    best_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    problems = []
+    if res.gpus_per_trial > best_gpu:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        problems.append(
+            f"resources.gpus_per_trial is {res.gpus_per_trial:g} but no node has more than "
+            f"{best_gpu:g} GPUs{seen}"
+        )
+    if res.cpus_per_trial > best_cpu:
+        problems.append(
+            f"resources.cpus_per_trial is {res.cpus_per_trial:g} but no node has more than "
+            f"{best_cpu:g} CPUs"
+        )
+    if not problems:
+        return
+    if embedded:
+        raise NotEnoughResources("; ".join(problems))
+    for p in problems:
+        print(f"warning: {p}; trials wait until the cluster has such a node", flush=True)
+
+
+def _with_trial_resources(ctx: SweepContext, fn: Any, items: list, embedded: bool) -> list:
+    """fn(item) for every item, each with a trial's resources. On a cluster: Ray tasks, where
+    the nodes are. In an embedded CPU-only Ray: one after another in this process with all the
+    cluster's CPUs, since a fresh Ray worker spends ~6 s importing torch, kdsweep and MLflow
+    before it starts (bench/sweep_overhead.py)."""
+    res = ctx.spec.resources
+    if embedded and res.gpus_per_trial == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(ray.cluster_resources().get("CPU", 1))))
+        try:
+            return [fn(item) for item in items]
+        finally:
+            torch.set_num_threads(threads)
+
+    @ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
+    def task(item: Any) -> Any:
+        torch.set_num_threads(max(1, int(res.cpus_per_trial)))
+        return fn(item)
+
+    return ray.get([task.remote(item) for item in items])
+
+
+def _finalize_early_stopped(ctx: SweepContext, results: Any, embedded: bool) -> int:
+    """ASHA stops trials between reports, before they can test themselves: test their last
+    checkpoints now. A test that fails marks that run FAILED with its reason; the others go on.
+    Returns how many failed."""
+    spec = ctx.spec
+    checkpoints, tracker = ctx.checkpoints(), ctx.tracker()
+    todo = []
+    for r in results:
+        if not r.config or r.error is not None or r.metrics.get("epoch", 0) >= spec.budget.epochs:
+            continue
+        config = TrialConfig.from_dict(r.config)
+        run_id = checkpoints.run_id(config.key)
+        if run_id and tracker.status(run_id) != "FINISHED":  # it reported: it checkpointed
+            todo.append((config, run_id))
+    if not todo:
+        return 0
+    print(f"testing {len(todo)} trials stopped early by ASHA ...", flush=True)
+
+    def test_one(item: tuple[dict, str, str]) -> str | None:
+        config, key, run_id = item
+        try:
+            finalize_from_state(ctx, config, ctx.checkpoints().state(key))
+            return None
+        except Exception as e:  # recorded on the run; the sweep goes on
+            reason = f"testing the early-stopped trial failed: {type(e).__name__}: {e}"
+            ctx.tracker().fail(run_id, reason)
+            return f"{config.label}: {reason}"
+
+    failures = [f for f in _with_trial_resources(ctx, test_one, todo, embedded) if f]
+    for f in failures:
+        print(f"warning: {f}", flush=True)
+    return len(failures)
+
+
+def _train_teachers_first(ctx: SweepContext, embedded: bool) -> None:
+    """The teacher cache's lock guards one machine; on an object store, trials on several
+    machines could each train the same teacher. There the driver has every missing teacher
+    trained first, one job per distinct teacher with a trial's resources, so that trials only
+    load them. On a local or NFS folder trials share the lock and start at once."""
+    spec = ctx.spec
+    teachers = spec.all_teachers()
+    if not teachers or not is_remote(ctx.layout.teachers):
+        return
+    print(f"teachers: {len(teachers)} in {ctx.layout.teachers}, training the missing ones", flush=True)
+
+    def train(t: Any) -> str:
+        device = pick_device(spec)
+        _, record = get_teacher(ctx, t, get_splits(spec, device), device)
+        return f"{t.label} ({record.hash[:10]})"
+
+    ready = _with_trial_resources(ctx, train, teachers, embedded)
+    print(f"teachers ready: {', '.join(ready)}", flush=True)
+
+
+def _tuner_parts(spec: SweepSpec, ctx: SweepContext) -> tuple[Any, tune.RunConfig]:
+    res = spec.resources
+    trainable_ = tune.with_resources(
+        tune.with_parameters(trainable, ctx=ctx),
+        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
+    )
+    run_config = tune.RunConfig(
+        name="tune",
+        storage_path=ctx.layout.sweep,
+        failure_config=tune.FailureConfig(max_failures=res.max_failures),
+        verbose=0,
+    )
+    return trainable_, run_config
+
+
+def _snapshot_often() -> None:
+    """Tune snapshots the experiment (trial list, searcher, scheduler) every 10 s or more by
+    default; a killed driver then forgets the reports since. Trials keep their own checkpoints,
+    so what it forgets is bookkeeping, but a 1 s period keeps that to one report per trial."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
+    """Run a whole sweep; True when every trial ended, False when it was interrupted."""
+    layout = SweepLayout.of(spec)
+    store = layout.store()
+    if store.exists("tune"):
+        raise SweepExists(
+            f"sweep {spec.name!r} already exists at {layout.sweep}.\n"
+            f"  continue it:   sweep resume {spec.name} --storage {layout.root}\n"
+            f"  start over:    delete {layout.sweep} (and its MLflow experiment), or run "
+            f"under a new name: sweep run FILE --name NEW"
+        )
+    embedded = init_ray(address)
+    check_resources(spec, embedded)  # before anything is written
+    store.write(dump_spec(spec).encode(), "sweep.yaml")
+
+    uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
+    experiment = spec.storage.mlflow_experiment or spec.name
+    tracker = Tracker(uri, experiment, default_artifact_root(uri, experiment))
+    cells = spec.cells()
+    total = spec.tuning_trials() + len(cells) * spec.repeats  # repeats: at most one set a cell
+    parent = tracker.start_run(
+        spec.name,
+        tags={"kind": "sweep", "sweep": spec.name},
+        params={"cells": len(cells), "trials": total},
+    )
+    tracker.log_artifacts(parent, {"sweep.yaml": dump_spec(spec)})
+    state = {
+        "mlflow_tracking_uri": uri,
+        "experiment": experiment,
+        "experiment_id": tracker.experiment_id,
+        "parent_run_id": parent,
+        "optuna": layout.optuna_url,
+    }
+    store.write(json.dumps(state, indent=2).encode(), "state.json")
+    repeats = f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else ""
+    print(
+        f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials"
+        f"{repeats} = {total} trials, {spec.budget.epochs} epochs each\n"
+        f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
+        flush=True,
+    )
+    ctx = SweepContext(spec, layout, uri, experiment, parent)
+    _train_teachers_first(ctx, embedded)
+    _snapshot_often()
+    trainable_, run_config = _tuner_parts(spec, ctx)
+    run_config.callbacks = [Progress(ctx, total)]
+    tuner = tune.Tuner(
+        trainable_,
+        tune_config=tune.TuneConfig(
+            search_alg=CellSearcher(spec, layout.optuna_url),
+            scheduler=CellASHA(spec),
+            num_samples=total,
+            max_concurrent_trials=spec.resources.max_concurrent_trials,
+            reuse_actors=True,
+        ),
+        run_config=run_config,
+    )
+    return _fit(ctx, tuner, embedded)
+
+
+def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | None = None) -> bool:
+    """Continue a stopped sweep: finished trials are kept, unfinished and errored ones continue
+    from their checkpoints, and trials Optuna knows but Tune's snapshot does not are handed
+    out again (CellSearcher.reconcile). True when every trial ended."""
+    opened = open_sweep(name, storage)
+    layout, state, spec = opened.layout, opened.state, opened.spec
+    tune_dir = layout.tune
+    if not tune.Tuner.can_restore(tune_dir):
+        raise FileNotFoundError(
+            f"sweep {name!r} at {layout.sweep} has no Tune experiment to resume; it stopped "
+            f"before its first trial was scheduled: delete {layout.sweep} and run it again"
+        )
+    uri = state["mlflow_tracking_uri"]
+    ctx = SweepContext(
+        spec, layout, uri, state["experiment"], state["parent_run_id"]
+    )
+    tracker = ctx.tracker()
+    tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    total = spec.tuning_trials() + len(spec.cells()) * spec.repeats
+    done, _ = sweep_progress(spec, layout, tracker)
+    print(
+        f"resuming sweep {name}: {done} of {total} trials ended before\n"
+        f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
+        flush=True,
+    )
+    embedded = init_ray(address)
+    check_resources(spec, embedded)
+    _train_teachers_first(ctx, embedded)
+    _snapshot_often()
+    trainable_, _ = _tuner_parts(spec, ctx)
+    tuner = tune.Tuner.restore(
+        tune_dir,
+        trainable=trainable_,
+        resume_unfinished=True,
+        resume_errored=True,
+        restart_errored=False,
+    )
+    # the pickled run config holds the first run's Progress (its clock and counts): replace it
+    tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, total, done)]
+    return _fit(ctx, tuner, embedded)
+
+
+def _trial_slots(spec: SweepSpec) -> int:
+    """How many trials the cluster can run at once now."""
+    res, have = spec.resources, ray.cluster_resources()
+    slots = int(have.get("CPU", 0) // res.cpus_per_trial)  # cpus_per_trial > 0 (spec)
+    if res.gpus_per_trial:
+        slots = min(slots, int(have.get("GPU", 0) // res.gpus_per_trial))
+    if res.max_concurrent_trials:
+        slots = min(slots, res.max_concurrent_trials)
+    return max(1, slots)
+
+
+def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool) -> bool:
+    """Run (or continue) the experiment; end the parent run, or on an interruption leave
+    nothing looking RUNNING and say how to go on."""
+    spec, tracker = ctx.spec, ctx.tracker()
+    # Tune lets a custom searcher have one trial waiting for resources at a time, so the
+    # second trial's actor starts only once the first one runs; let every free slot have one.
+    # Not more: TPE should suggest with as many results in as it can.
+    pending = "TUNE_MAX_PENDING_TRIALS_PG"
+    user_pending = os.environ.get(pending)
+    if user_pending is None:
+        os.environ[pending] = str(_trial_slots(spec))
+    try:
+        results = tuner.fit()
+    finally:
+        if user_pending is None:
+            os.environ.pop(pending, None)
+    # Optuna hears of every tuning trial's end (complete, pruned, failed) from the searcher, a
+    # repeat's end is its finished run; on Ctrl-C Tune saves its state and stops the running
+    # trials, which stay RUNNING there
+    ended, planned = sweep_progress(spec, ctx.layout, tracker)
+    if ended < planned:
+        killed = tracker.close_running(spec.name, "KILLED", "sweep interrupted")
+        tracker.finish(ctx.parent_run_id, "KILLED")
+        print(
+            f"sweep {spec.name} interrupted: {ended} of {planned} trials ended; "
+            f"{len(killed)} runs marked KILLED until resumed\n"
+            f"resume with: sweep resume {spec.name} --storage {ctx.layout.root}",
+            flush=True,
+        )
+        return False
+    failed = sum(r.error is not None for r in results)
+    failed += _finalize_early_stopped(ctx, results, embedded)
+    tracker.set_tags(ctx.parent_run_id, {"trials": str(len(results)), "failed": str(failed)})
+    tracker.finish(ctx.parent_run_id)
+    print(
+        f"sweep {spec.name} finished: {len(results)} trials, {failed} failed\n"
+        f"status: sweep status {spec.name} --storage {ctx.layout.root}\n"
+        f"MLflow: {ui_hint(ctx.tracking_uri, tracker.experiment_id)}",
+        flush=True,
+    )
+    return True

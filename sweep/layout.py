@@ -1,0 +1,133 @@
+"""Where every file of a sweep lives, local folder or URI: one object, asked by everyone.
+
+Why one object: the sweep's folder, the teacher cache, the Optuna storage, Tune's experiment,
+the trials' checkpoints, AutoAttack's progress files and the report folder were each computed
+where they were needed, and a sweep on `s3://` turned into a local `s3:/...` folder in one of
+them. Each location is decided here once.
+
+    <storage.path>/<name>/           the sweep (a local folder or a URI)
+        sweep.yaml, state.json       the resolved file; MLflow and Optuna locations
+        optuna.db                    default Optuna storage (a local sweep only)
+        tune/                        Ray Tune's experiment
+        trials/<cell>/<n>/...        each trial's checkpoints (checkpoints.py)
+        autoattack/<run id>/         AutoAttack progress of a trial's test (local sweep)
+        autoattack-final/<run id>/   ... of `sweep evaluate` (local sweep)
+        report/                      `sweep report` (local sweep)
+    <storage.path>/teachers/         the teacher cache, unless storage.teachers names one
+
+A sweep on an object store keeps AutoAttack's progress in this machine's cache (it runs here)
+and writes its report to `./<name>-report`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .spec import SweepSpec, parse_spec
+from .store import Store, absolute, is_remote, join
+
+CACHE = Path.home() / ".cache" / "kdsweep"
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    root: str  # the storage root (storage.path), absolute or a URI
+    name: str
+    teachers: str  # the teacher cache
+    optuna_url: str
+
+    @classmethod
+    def of(cls, spec: SweepSpec) -> SweepLayout:
+        """The layout a sweep file asks for."""
+        root = absolute(spec.storage.path)
+        sweep = join(root, spec.name)
+        t = spec.storage.teachers
+        # a URI storage.path comes with storage.optuna (spec validation): SQLite needs a file
+        return cls(
+            root=root,
+            name=spec.name,
+            teachers=absolute(t) if t else join(root, "teachers"),
+            optuna_url=spec.storage.optuna or f"sqlite:///{sweep}/optuna.db",
+        )
+
+    @property
+    def sweep(self) -> str:
+        return join(self.root, self.name)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.sweep)
+
+    def store(self) -> Store:
+        return Store(self.sweep)
+
+    @property
+    def tune(self) -> str:
+        return f"{self.sweep}/tune"
+
+    @property
+    def trials(self) -> str:
+        return f"{self.sweep}/trials"
+
+    def study_name(self, cell_key: str) -> str:
+        """The Optuna study of one grid cell (all cells' studies share one storage)."""
+        return study_name(self.name, cell_key)
+
+    def _local(self, folder: str) -> Path:
+        """A folder of this sweep that must be on this machine's disk."""
+        if not self.remote:
+            return Path(self.sweep) / folder
+        tag = hashlib.sha256(self.sweep.encode()).hexdigest()[:12]
+        return CACHE / folder / f"{self.name}-{tag}"
+
+    def autoattack_state(self, run_id: str) -> Path:
+        """AutoAttack's resumable progress for the test of one trial."""
+        return self._local("autoattack") / run_id
+
+    @property
+    def final_autoattack_state(self) -> Path:
+        """... and for `sweep evaluate` (one folder per run inside)."""
+        return self._local("autoattack-final")
+
+    @property
+    def report(self) -> Path:
+        """Where `sweep report` writes (plots are drawn locally, then logged to MLflow)."""
+        if self.remote:
+            return Path(f"{self.name}-report").resolve()
+        return Path(self.sweep) / "report"
+
+
+def study_name(sweep: str, cell_key: str) -> str:
+    """The Optuna study of one grid cell of sweep `sweep`."""
+    return f"{sweep}/{cell_key}"
+
+
+@dataclass(frozen=True)
+class OpenedSweep:
+    """A started sweep: where it is, its state.json (MLflow, Optuna) and its resolved spec."""
+
+    layout: SweepLayout
+    state: dict[str, Any]
+    spec: SweepSpec
+
+
+def open_sweep(name: str, storage: str | Path = "./sweeps") -> OpenedSweep:
+    """The sweep `name` under `storage`; FileNotFoundError if there is none."""
+    store = Store(join(storage, name))
+    raw = store.read("state.json")
+    if raw is None:
+        raise FileNotFoundError(f"no sweep {name!r} under {absolute(storage)} (give --storage)")
+    state = json.loads(raw)
+    text = store.read("sweep.yaml") or b""
+    spec = parse_spec(yaml.safe_load(text.decode()), store.location("sweep.yaml"))
+    layout = SweepLayout.of(spec)
+    # the folder it was found in wins over the file's storage.path (moved, or a relative path
+    # resolved from another directory); Optuna is where the sweep recorded it
+    layout = SweepLayout(absolute(storage), name, layout.teachers, state["optuna"])
+    return OpenedSweep(layout, state, spec)

@@ -1,0 +1,302 @@
+"""The search inside each grid cell, behind Ray Tune's plug-in interfaces.
+
+Why not Ray's OptunaSearch directly: it refuses grid_search axes, and one study over all cells
+would let a strong cell starve the others of trials. `CellSearcher` hands out suggestions
+round-robin over cells that still lack trials, asks each cell's own study (ask/tell, all studies
+in one Optuna storage), and returns FINISHED when every cell has its budget. `CellASHA` applies
+successive halving within a cell only: comparing an ARD trial with a KD trial would stop whole
+cells, and the table must be filled.
+
+Only public Optuna APIs: a trial is addressed by its number in the cell's study, and the
+storage's own (public, BaseStorage) methods map it to the storage's trial id.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from . import selection
+from .config import TrialConfig
+from .layout import SweepLayout
+from .space import is_searched
+from .spec import Cell, SweepSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_sampler(spec: SweepSpec, cell_position: int) -> optuna.samplers.BaseSampler:
+    """The sampler of the cell at `cell_position` in the grid (its seed depends on it)."""
+    seed = spec.seed * 1000 + cell_position
+    kind = spec.optuna.sampler
+    if kind == "auto":
+        kind = "nsga2" if len(spec.objectives) > 1 else "tpe"
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.optuna.n_startup_trials)
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) for every cell's study."""
+    return optuna.storages.RDBStorage(url)
+
+
+class CellSearcher(Searcher):
+    """One Optuna study per grid cell behind Tune's Searcher interface."""
+
+    def __init__(self, spec: SweepSpec, optuna_url: str) -> None:
+        super().__init__(metric=spec.objectives[0].metric, mode=spec.objectives[0].mode)
+        self.spec = spec
+        self.layout = SweepLayout.of(spec)
+        self.optuna_url = optuna_url
+        self.cells = spec.cells()
+        self.handed: dict[str, list[int]] = {c.key: [] for c in self.cells}  # Optuna numbers
+        self.live: dict[str, tuple[str, int]] = {}  # tune id -> (cell, Optuna number)
+        self.next_cell = 0
+        self.orphans: list[tuple[str, int]] = []  # (cell, optuna number) to hand out again
+        self.repeats: dict[str, int] = {c.key: 0 for c in self.cells}  # repeats handed out
+        self.no_best: set[str] = set()  # cells whose tuning ended without a finished trial
+        # Optuna numbers of each cell's trials that ended: in memory, since Tune asks for a
+        # suggestion every loop step while repeats wait for a cell (no database query there)
+        self.ended: dict[str, set[int]] = {c.key: set() for c in self.cells}
+        self._reconciled = True
+        self._studies: dict[str, optuna.Study] = {}
+        self._storage: optuna.storages.RDBStorage | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Optuna studies hold DB engines: not picklable
+        state = dict(self.__dict__)
+        state["_studies"] = {}
+        state["_storage"] = None
+        return state
+
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
+        return True
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        if self._storage is None:
+            self._storage = optuna_storage(self.optuna_url)
+        return self._storage
+
+    def study(self, key: str) -> optuna.Study:
+        if key not in self._studies:
+            position = [c.key for c in self.cells].index(key)
+            self._studies[key] = optuna.create_study(
+                study_name=self.layout.study_name(key),
+                storage=self.storage,
+                directions=[
+                    ("maximize" if o.mode == "max" else "minimize") for o in self.spec.objectives
+                ],
+                sampler=make_sampler(self.spec, position),
+                load_if_exists=True,
+            )
+        return self._studies[key]
+
+    def _storage_id(self, key: str, number: int) -> int:
+        study_id = self.storage.get_study_id_from_name(self.study(key).study_name)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def reconcile(self) -> list[tuple[str, int]]:
+        """After a restore: find the Optuna trials this searcher's snapshot never handed to
+        Tune (asked after the driver's last snapshot, then the driver died). They are handed
+        out again with the same parameters and number, so the trial finds its checkpoint and
+        MLflow run: nothing is asked twice and no Optuna trial is left RUNNING."""
+        found = []
+        for cell in self.cells:
+            handed = set(self.handed[cell.key])
+            for t in self.study(cell.key).get_trials(deepcopy=False):
+                if t.state.is_finished():  # also those told after the snapshot
+                    self.ended[cell.key].add(t.number)
+                if t.number not in handed:
+                    found.append((t.datetime_start, cell.key, t.number))
+        self.orphans += [(key, number) for _, key, number in sorted(found)]  # as first asked
+        self._reconciled = True
+        return list(self.orphans)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if not self._reconciled:
+            self.reconcile()
+        if self.orphans:
+            key, number = self.orphans.pop(0)
+            (ot,) = [t for t in self.study(key).get_trials(deepcopy=False) if t.number == number]
+            cell = next(c for c in self.cells if c.key == key)
+            return self._handout(trial_id, cell, number, ot.params)
+        n = len(self.cells)
+        budget = self.spec.budget.trials_per_cell
+        for i in range(n):
+            cell = self.cells[(self.next_cell + i) % n]
+            if len(self.handed[cell.key]) < budget:
+                self.next_cell = (self.next_cell + i + 1) % n
+                space = self.spec.cell_space(cell.method)
+                dists = {k: v.distribution() for k, v in space.items() if is_searched(v)}
+                ot = self.study(cell.key).ask(dists)
+                return self._handout(trial_id, cell, ot.number, ot.params)
+        return self._suggest_repeat(trial_id)
+
+    def _suggest_repeat(self, trial_id: str) -> dict | str | None:
+        """Seed repeats of each cell's best configuration, once that cell's tuning has ended
+        (its best is final then). None while some cell still tunes: Tune asks again later."""
+        waiting = False
+        for cell in self.cells:
+            if self.repeats[cell.key] >= self.spec.repeats or cell.key in self.no_best:
+                continue
+            if not self._tuning_ended(cell.key):
+                waiting = True
+                continue
+            best = self.best_trial(cell.key)
+            if best is None:
+                self.no_best.add(cell.key)
+                continue
+            self.repeats[cell.key] += 1
+            k = self.repeats[cell.key]
+            config = self._config(cell, best.number, best.params, trial_id)
+            return TrialConfig(
+                **(config.__dict__ | {"seed": self.spec.repeat_seed(k), "repeat": k})
+            ).to_dict()
+        return None if waiting else Searcher.FINISHED
+
+    def _tuning_ended(self, key: str) -> bool:
+        handed = self.handed[key]
+        return len(handed) >= self.spec.budget.trials_per_cell and set(handed) <= self.ended[key]
+
+    def best_trial(self, key: str) -> optuna.trial.FrozenTrial | None:
+        """The cell's best finished trial, by the sweep's one rule (selection.py)."""
+        obj = selection.objective(self.spec)
+        trials = self.study(key).get_trials(deepcopy=False)
+        best = selection.best(selection.from_optuna(trials, obj), obj)
+        return best.first.ref if best else None
+
+    def _config(
+        self, cell: Cell, number: int, params: dict[str, Any], trial_id: str
+    ) -> TrialConfig:
+        space = self.spec.cell_space(cell.method)
+        return TrialConfig(
+            cell=cell.key,
+            teacher_loss=cell.teacher_loss,
+            method=cell.method,
+            train_attack=cell.train_attack,
+            hp={k: v for k, v in space.items() if not is_searched(v)} | params,
+            seed=self.spec.seed + number,
+            number=number,
+            trial_id=trial_id,
+        )
+
+    def _handout(
+        self, trial_id: str, cell: Cell, number: int, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The trial config. Its identity in the cell (checkpoints, MLflow run, seed) is the
+        Optuna trial's number in the cell's study."""
+        self.handed[cell.key].append(number)
+        self.live[trial_id] = (cell.key, number)
+        return self._config(cell, number, params, trial_id).to_dict()
+
+    def _finished(self, key: str, number: int) -> bool:
+        return self.storage.get_trial(self._storage_id(key, number)).state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.live or len(self.spec.objectives) > 1:
+            return
+        key, number = self.live[trial_id]
+        metric = self.spec.objectives[0].metric
+        if metric in result and "epoch" in result and not self._finished(key, number):
+            self.storage.set_trial_intermediate_value(
+                self._storage_id(key, number), int(result["epoch"]), float(result[metric])
+            )
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if trial_id not in self.live:
+            return
+        key, number = self.live.pop(trial_id)
+        self.ended[key].add(number)
+        study = self.study(key)
+        state = optuna.trial.TrialState
+        # skip_if_finished: told before the driver died; Optuna keeps its verdict
+        if error or not result:
+            study.tell(number, state=state.FAIL, skip_if_finished=True)
+        elif result.get("epoch", 0) >= self.spec.budget.epochs:
+            values = [float(result[o.metric]) for o in self.spec.objectives]
+            study.tell(number, values, skip_if_finished=True)
+        else:  # stopped early by ASHA
+            study.tell(number, state=state.PRUNED, skip_if_finished=True)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        self._reconciled = False  # the storage may know trials the snapshot does not
+
+
+class CellASHA(FIFOScheduler):
+    """Asynchronous successive halving (Li et al. 2020) run separately inside each cell.
+    Seed repeats run their whole budget: never stopped, never seen by ASHA."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        super().__init__()
+        b, o = spec.budget, spec.objectives[0]
+        self._kw = dict(
+            time_attr="epoch",  # not Tune's iteration count, which restarts on restore
+            metric=o.metric,
+            mode=o.mode,
+            max_t=b.epochs,
+            grace_period=b.grace_period,
+            reduction_factor=b.reduction_factor,
+        )
+        self._per_cell: dict[str, AsyncHyperBandScheduler] = {}
+        self._added: dict[str, set[str]] = {}  # cell -> Tune ids its ASHA knows
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True
+
+    def _asha(self, trial: Any) -> tuple[AsyncHyperBandScheduler, set[str]] | None:
+        """The trial's cell's ASHA and the trials it knows; None for a seed repeat."""
+        config = TrialConfig.from_dict(trial.config)
+        if config.repeat:
+            return None
+        if config.cell not in self._per_cell:
+            self._per_cell[config.cell] = AsyncHyperBandScheduler(**self._kw)
+            self._added[config.cell] = set()
+        return self._per_cell[config.cell], self._added[config.cell]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if found := self._asha(trial):
+            found[0].on_trial_add(tune_controller, trial)
+            found[1].add(trial.trial_id)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if found := self._asha(trial):
+            return found[0].on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if found := self._asha(trial):
+            found[0].on_trial_complete(tune_controller, trial, result)
+            if {"epoch", self._kw["metric"]} <= set(result):  # as ASHA forgets the trial
+                found[1].discard(trial.trial_id)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        found = self._asha(trial)
+        if found and trial.trial_id in found[1]:
+            found[0].on_trial_remove(tune_controller, trial)
+            found[1].discard(trial.trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        self.__dict__.setdefault("_added", {c: set() for c in self._per_cell})
