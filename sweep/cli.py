@@ -77,7 +77,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args.file, args.name)
     print(plan(spec), flush=True)
-    from .tune import NotEnoughResources, SweepExists, run_sweep  # Ray: once the file is good
+    from .driver import NotEnoughResources, SweepExists, run_sweep  # Ray: once the file is good
 
     try:
         complete = run_sweep(spec, address=args.address)
@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .tune import resume_sweep
+    from .driver import resume_sweep
 
     try:
         complete = resume_sweep(args.name, args.storage, address=args.address)
