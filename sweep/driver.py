@@ -189,10 +189,10 @@ def _finalize_early_stopped(ctx: SweepContext, results: Any, embedded: bool) -> 
         return 0
     print(f"testing {len(todo)} trials stopped early by ASHA ...", flush=True)
 
-    def test_one(item: tuple[dict, str, str]) -> str | None:
-        config, key, run_id = item
+    def test_one(item: tuple[TrialConfig, str]) -> str | None:
+        config, run_id = item
         try:
-            finalize_from_state(ctx, config, ctx.checkpoints().state(key))
+            finalize_from_state(ctx, config, ctx.checkpoints().state(config.key))
             return None
         except Exception as e:  # recorded on the run; the sweep goes on
             reason = f"testing the early-stopped trial failed: {type(e).__name__}: {e}"
