@@ -1,21 +1,29 @@
-"""The training loop shared by teachers and students: optimiser, schedule, one epoch.
+"""The training loop shared by teachers and students: optimiser, schedule, one epoch, and the
+student's training step.
 
 Why shared: a teacher is a student with a loss of (logits, labels); both need the same
-augmentation, batching and non-finite-loss guard.
+augmentation, batching and non-finite-loss guard. The student's step (`student_epoch`,
+`student_step_loss`) lives here, not in the trial, so that the trial and every benchmark run the
+same code: a benchmark that copied the step would time something the trial does not run.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .attacks import run_attack
 from .data import Splits, batches
+from .fast import FastPath, to_format, training_forwards
+
+StepLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> loss of one batch
 
 
 class Diverged(RuntimeError):
@@ -76,7 +84,7 @@ def train_epoch(
     *,
     batch_size: int,
     augmentation: Callable[[torch.Tensor], torch.Tensor] | None,
-    step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step_loss: StepLoss,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     check_every: int | None = None,
@@ -121,3 +129,118 @@ def _check_finite(finite: torch.Tensor, step: int) -> None:
     """Raise Diverged if a loss so far was not finite (one host sync)."""
     if not bool(finite):
         raise Diverged(f"training loss became NaN or infinite at or before step {step}")
+
+
+def fast_epoch(
+    model: nn.Module,
+    data: Splits,
+    *,
+    fast: FastPath,
+    others: Sequence[nn.Module] = (),
+    batch_size: int,
+    augmentation: Callable[[torch.Tensor], torch.Tensor] | None,
+    step_loss: StepLoss,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    check_every: int | None = None,
+) -> float:
+    """`train_epoch` on the fast path: the forwards of `model` and of the frozen `others` (the
+    teachers) run under `training_forwards(fast, ...)` for the epoch, and only then (evaluation
+    after the epoch stays fp32). `step_loss` puts its batch in the models' memory format itself
+    (`to_format`). Compilation (`fast.maybe_compile`) is the caller's: once per model, after any
+    state is loaded."""
+    with training_forwards(fast, model, *others):
+        return train_epoch(
+            model,
+            data,
+            batch_size=batch_size,
+            augmentation=augmentation,
+            step_loss=step_loss,
+            optimizer=optimizer,
+            schedule=schedule,
+            check_every=check_every,
+        )
+
+
+@dataclass(frozen=True)
+class TrainAttack:
+    """The cell's training attack, configured: `attack(model, x, objective)` -> x' maximising
+    objective(model(x')) within the eps-ball (`attacks.run_attack`); what `Method.adversarial`
+    is given. `name` is the grid's train_attack (`none` returns x unchanged)."""
+
+    name: str
+    eps: float
+    steps: int = 10
+    step_size: float | None = None
+    norm: str = "linf"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        objective: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        return run_attack(
+            self.name,
+            model,
+            x,
+            objective,
+            eps=self.eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            norm=self.norm,
+        )
+
+
+def student_step_loss(
+    method: Any,
+    student: nn.Module,
+    teachers: Sequence[nn.Module],
+    attack: TrainAttack,
+    fast: FastPath,
+) -> StepLoss:
+    """The loss of one student training step on an (augmented) batch: x in the models' memory
+    format, x' = method.adversarial(...) with the training attack, then method.loss(...).
+    `method` is a `methods.Method`. Run it inside `fast_epoch` (which `student_epoch` does):
+    the per-model bf16 forwards are switched on there, not here."""
+    teachers = list(teachers)
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = to_format(x, fast)
+        x_adv = method.adversarial(student, teachers, x, y, attack)
+        return method.loss(student, teachers, x, x_adv, y)
+
+    return step_loss
+
+
+def student_epoch(
+    method: Any,
+    student: nn.Module,
+    teachers: Sequence[nn.Module],
+    data: Splits,
+    *,
+    attack: TrainAttack,
+    fast: FastPath,
+    batch_size: int,
+    augmentation: Callable[[torch.Tensor], torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    check_every: int | None = None,
+) -> float:
+    """One training epoch of a student, as a trial runs it and the benchmarks time it: the
+    step loss of `student_step_loss` through `fast_epoch` (the teachers' and the student's
+    forwards on the fast path). Returns the epoch's mean loss; raises Diverged. The trial calls
+    `method.start_epoch` before it and `fast.prepare` / `fast.maybe_compile` on the student
+    when building it."""
+    return fast_epoch(
+        student,
+        data,
+        fast=fast,
+        others=teachers,
+        batch_size=batch_size,
+        augmentation=augmentation,
+        step_loss=student_step_loss(method, student, teachers, attack, fast),
+        optimizer=optimizer,
+        schedule=schedule,
+        check_every=check_every,
+    )

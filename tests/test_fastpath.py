@@ -494,3 +494,110 @@ def test_a_trial_runs_on_the_fast_path_and_evaluates_in_fp32(tmp_path, monkeypat
     assert models[1].channels_last and not any(p.requires_grad for p in models[1].parameters())
     (run,) = ctx.tracker().runs("student")
     assert run.info.status == "FINISHED"
+
+
+# --- the student's training step: sweep.training.student_epoch ------------------------------------
+
+
+def _closure_epoch(method, student, teachers, data, fp, opt, sched):
+    """The step run_trial ran before student_epoch existed (its closures, verbatim), as the
+    reference: the attack through run_attack, x in the models' format, the method's x' and loss,
+    the epoch inside training_forwards."""
+    from sweep.attacks import run_attack
+    from sweep.fast import to_format
+
+    def attack(model, x, objective):
+        return run_attack("pgd", model, x, objective, eps=EPS, steps=2, step_size=None, norm="linf")
+
+    def step_loss(x, y):
+        x = to_format(x, fp)
+        x_adv = method.adversarial(student, teachers, x, y, attack)
+        return method.loss(student, teachers, x, x_adv, y)
+
+    with training_forwards(fp, student, *teachers):
+        return train_epoch(
+            student,
+            data,
+            batch_size=16,
+            augmentation=None,
+            step_loss=step_loss,
+            optimizer=opt,
+            schedule=sched,
+        )
+
+
+@pytest.mark.parametrize(
+    "fp", [OFF, FastPath(dtype=torch.bfloat16, channels_last=True)], ids=["fp32", "bf16+nhwc"]
+)
+@pytest.mark.parametrize("name", ["pgd_at", "kd", "mtard"])
+def test_student_epoch_is_the_trials_former_step_bit_for_bit(name, fp):
+    """Same seed: the same epoch loss and the same weights after it (MTARD: its adaptive weights
+    too), teachers none, one and two; the per-model forwards restored after the epoch."""
+    from sweep.training import TrainAttack, student_epoch
+
+    data = _digits_like(32)
+    optim = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    optim |= {"batch_size": 16, "schedule": "cosine"}
+    n_teachers = TEACHERS[METHODS.get(name).teacher_set]
+    out = []
+    for new in (False, True):
+        student = prepare(_net(0), fp)
+        teachers = [prepare(_frozen(_net(1 + i)), fp) for i in range(n_teachers)]
+        method = METHODS.get(name)(HP.get(name, {}))
+        opt, sched = make_optimization(student, optim, 1, len(data.x_train))
+        torch.manual_seed(0)  # shuffling and the attack's random start
+        if new:
+            attack = TrainAttack("pgd", EPS, steps=2, step_size=None, norm="linf")
+            loss = student_epoch(
+                method,
+                student,
+                teachers,
+                data,
+                attack=attack,
+                fast=fp,
+                batch_size=16,
+                augmentation=None,
+                optimizer=opt,
+                schedule=sched,
+            )
+        else:
+            loss = _closure_epoch(method, student, teachers, data, fp, opt, sched)
+        assert student.compute_dtype is None and all(t.compute_dtype is None for t in teachers)
+        out.append((loss, [p.detach().clone() for p in student.parameters()], method))
+    (loss_a, weights_a, method_a), (loss_b, weights_b, method_b) = out
+    assert math.isfinite(loss_a) and loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b, strict=True))
+    for k, v in method_a.state_dict().items():
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(method_b.state_dict()[k]))
+
+
+def test_fast_epoch_scopes_the_training_forwards_to_the_epoch():
+    """Inside the epoch the student and the teachers run bf16 forwards (fp32 logits); before
+    and after it, plain fp32 (the evaluation after an epoch is not on the fast path)."""
+    from sweep.training import fast_epoch
+
+    data = _digits_like(32)
+    student, teacher = _net(0), _frozen(_net(1))
+    optim = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    optim |= {"batch_size": 16, "schedule": "constant"}
+    opt, sched = make_optimization(student, optim, 1, len(data.x_train))
+    seen = []
+
+    def step_loss(x, y):
+        seen.append((student.compute_dtype, teacher.compute_dtype))
+        return F.cross_entropy(student(x), y) + 0 * teacher(x).sum()
+
+    loss = fast_epoch(
+        student,
+        data,
+        fast=BF16,
+        others=[teacher],
+        batch_size=16,
+        augmentation=None,
+        step_loss=step_loss,
+        optimizer=opt,
+        schedule=sched,
+    )
+    assert math.isfinite(loss)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert student.compute_dtype is None and teacher.compute_dtype is None
