@@ -236,10 +236,6 @@ class CellSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
-        # a snapshot written before search.py existed (tune.py): live held (cell, id, number)
-        self.live = {t: (v[0], v[-1]) for t, v in self.live.items()}
-        self.__dict__.setdefault("layout", SweepLayout.of(self.spec))
-        self._storage, self._studies = None, {}
         self._reconciled = False  # the storage may know trials the snapshot does not
 
 
