@@ -1,32 +1,125 @@
-"""Shared test fixtures. Ray stays on loopback (DESIGN §3.8)."""
+"""Shared test helpers and fixtures. Ray stays on loopback (DESIGN §3.8).
+
+- `tiny_spec_dict(tmp_path, **over)`: a sweep file small enough for a test.
+- `make_context(tmp_path, ...)` and `trial_config(...)`: one trial in plain Python (no Ray),
+  against a real MLflow SQLite store.
+- `sweep_cli(cwd, *args)`: the `sweep` command run to its end; `start_sweep_cli(...)`: the same
+  in the background, to be signalled (`stop_group`), with `wait_until` to watch it.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from sweep.config import TrialConfig
+    from sweep.context import SweepContext
+    from sweep.spec import SweepSpec
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 torch.set_num_threads(1)
 
 
-def sweep_cli(cwd, *args: str) -> subprocess.CompletedProcess:
-    """`sweep ARGS` as a user runs it, in `cwd`, on an embedded Ray (no RAY_ADDRESS)."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+# --- the CLI, as a user runs it -----------------------------------------------------------------
+SWEEP = [sys.executable, "-m", "sweep.cli"]  # `sweep`, of this interpreter
+# they override a sweep file's storage (spec.STORAGE_ENV): a test's file must not be overridden
+# by the shell the tests run from
+STORAGE_ENV = ("KDSWEEP_STORAGE", "KDSWEEP_TEACHERS", "KDSWEEP_OPTUNA", "MLFLOW_TRACKING_URI")
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment `sweep` runs in under test: an embedded Ray on loopback (no
+    RAY_ADDRESS), unbuffered output, storage from the sweep file only, then `env` on top."""
+    out = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    for var in ("RAY_ADDRESS", *STORAGE_ENV):
+        out.pop(var, None)
+    return out | (env or {})
+
+
+def sweep_cli(
+    cwd, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`sweep ARGS` as a user runs it, in `cwd`, to its end (see cli_env; `env` on top)."""
     return subprocess.run(
-        [sys.executable, "-m", "sweep.cli", *args],
+        SWEEP + list(args),
         cwd=cwd,
-        env=env,
+        env=cli_env(env),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+def start_sweep_cli(
+    cwd, *args: str, log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """`sweep ARGS` in the background, for a test that signals it. Its own session (process
+    group), so it and the Ray processes it starts can be stopped as a whole (stop_group). Its
+    output (stdout and stderr) goes to `log`, or to a pipe (text) that `communicate()` reads."""
+    out = log.open("w") if log is not None else subprocess.PIPE
+    try:
+        return subprocess.Popen(
+            SWEEP + list(args),
+            cwd=cwd,
+            env=cli_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        if log is not None:
+            out.close()  # the child has its own copy
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 0.0) -> None:
+    """Stop a process started in its own session and whatever is left of its group (a killed
+    driver's Ray processes, a server's workers): SIGTERM first if it runs and `grace` > 0
+    seconds are given, then SIGKILL. A no-op for a group already gone."""
+    if grace and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_until(
+    what: str,
+    condition: Callable[[], Any],
+    proc: subprocess.Popen,
+    log: Path,
+    timeout: float = 300,
+) -> Any:
+    """Poll `condition` until it gives something true, and return that; fail the test (with
+    the end of `log`) if `proc` exits first or `timeout` seconds pass (stopping `proc`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"sweep exited ({proc.returncode}) before {what}:\n{log.read_text()}")
+        time.sleep(0.25)
+    stop_group(proc)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
 
 
 def tiny_spec_dict(tmp_path, **over):
@@ -64,6 +157,47 @@ def tiny_spec_dict(tmp_path, **over):
 @pytest.fixture
 def tiny_spec(tmp_path):
     return tiny_spec_dict(tmp_path)
+
+
+# --- one trial in plain Python ------------------------------------------------------------------
+def make_context(
+    tmp_path: Path, spec: SweepSpec | None = None, *, experiment: str = "t", **over: Any
+) -> SweepContext:
+    """What the driver hands every trial, for a trial run without Ray: the sweep folder is
+    `tmp_path/sweep`, the teacher cache `tmp_path/teachers`, Optuna and MLflow are SQLite files
+    in `tmp_path` (the MLflow experiment `experiment` is created). `spec` defaults to the tiny
+    sweep with `over` (see tiny_spec_dict)."""
+    from sweep.context import SweepContext
+    from sweep.layout import SweepLayout
+    from sweep.spec import parse_spec
+    from sweep.tracking import Tracker
+
+    if spec is None:
+        spec = parse_spec(tiny_spec_dict(tmp_path, **over))
+    elif over:
+        raise TypeError("give a spec or tiny_spec_dict overrides, not both")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri, experiment)
+    layout = SweepLayout(
+        str(tmp_path), "sweep", str(tmp_path / "teachers"), f"sqlite:///{tmp_path}/optuna.db"
+    )
+    return SweepContext(spec, layout, uri, experiment, None)
+
+
+def trial_config(cell: str = "ce.kd.pgd", **over: Any) -> TrialConfig:
+    """The configuration the searcher hands a trial of `cell` (`<teacher_loss>.<method>.
+    <train_attack>`): by default KD at temperature 2 and alpha 0.5, seed 0, Optuna trial 0;
+    `over` sets any other field (hp, seed, number, repeat, trial_id)."""
+    from sweep.config import TrialConfig
+
+    teacher_loss, method, train_attack = cell.rsplit(".", 2)
+    fields = {"hp": {"temperature": 2.0, "alpha": 0.5}, "seed": 0, "number": 0} | over
+    return TrialConfig(cell, teacher_loss, method, train_attack, **fields)
+
+
+def runs_of(ctx: SweepContext, kind: str = "student") -> list:
+    """The MLflow runs of one kind (student, teacher, sweep) of the context's sweep."""
+    return ctx.tracker().sweep_runs(ctx.spec.name, kind)
 
 
 class LinearLogits(nn.Module):

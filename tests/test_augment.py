@@ -6,8 +6,7 @@ import torch
 
 from sweep.data import DATASETS, make_augmentation
 from sweep.spec import parse_spec
-from sweep.teachers import teacher_hash
-from sweep.trial import teacher_identity
+from sweep.teachers import teacher_hash, teacher_identity
 
 
 def test_autoaugment_changes_images_keeps_range_and_shape_and_follows_the_seed():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_trial import CONFIG, _ctx
+from conftest import make_context, runs_of, trial_config
 
 from sweep.final_eval import best_runs, evaluate_finalists
 from sweep.spec import AttackRun
@@ -10,12 +10,12 @@ from sweep.trial import run_trial
 
 
 def test_best_trial_per_cell_gets_the_full_suite_once(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     for seed in (0, 1):
-        run_trial(ctx, {**CONFIG, "seed": seed, "cell_index": seed}, lambda m, s: None)
+        run_trial(ctx, trial_config(seed=seed, number=seed), lambda m, s: None)
     tracker, spec = ctx.tracker(), ctx.spec
     (best,) = best_runs(tracker, spec, top=1)["ce.kd.pgd"]
-    runs = tracker.runs("student")
+    runs = runs_of(ctx)
     assert best.data.metrics["val/robust_acc"] == max(
         r.data.metrics["val/robust_acc"] for r in runs
     )  # chosen by the validation objective

@@ -6,39 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_spec_dict
+from conftest import make_context, runs_of, trial_config
 
-from sweep.checkpoints import STOPPED, trial_key
-from sweep.spec import Cell, parse_spec
+from sweep.checkpoints import STOPPED
+from sweep.context import get_splits
+from sweep.spec import Cell
 from sweep.teacher_defs import TeacherSetsSpec, teacher_set
-from sweep.tracking import Tracker
+from sweep.teachers import get_teacher, get_teachers
 from sweep.training import Diverged
-from sweep.trial import (
-    SweepContext,
-    TrialFailed,
-    finalize_from_state,
-    get_splits,
-    get_teacher,
-    get_teachers,
-    run_trial,
-)
+from sweep.trial import TrialFailed, finalize_from_state, run_trial
 
-CONFIG = {
-    "cell": "ce.kd.pgd",
-    "teacher_loss": "ce",
-    "method": "kd",
-    "train_attack": "pgd",
-    "hp": {"temperature": 2.0, "alpha": 0.5},
-    "seed": 0,
-    "cell_index": 0,
-}
-
-
-def _ctx(tmp_path, name="t", **over):
-    spec = parse_spec(tiny_spec_dict(tmp_path, **over))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    Tracker(uri, name)
-    return SweepContext(spec, str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, name, None)
+CONFIG = trial_config()  # ce.kd.pgd, temperature 2, alpha 0.5, seed 0, Optuna trial 0
 
 
 class _Stop(BaseException):
@@ -46,14 +24,14 @@ class _Stop(BaseException):
 
 
 def test_trial_reports_validation_only_and_tests_once_at_the_end(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     reports = []
     run_trial(ctx, CONFIG, lambda m, s: reports.append((m, s)))
     assert [m["epoch"] for m, _ in reports] == [1, 2]
     for m, _ in reports:  # nothing from the test split may reach Tune/Optuna/ASHA
         assert all(k.startswith(("val/", "train/")) or k == "epoch" for k in m)
     tracker = ctx.tracker()
-    (run,) = tracker.runs("student")
+    (run,) = runs_of(ctx)
     assert run.info.status == "FINISHED"
     assert {"test/clean_acc", "test/robust_acc/fgsm", "test/robust_acc/pgd20"} <= set(
         run.data.metrics
@@ -61,19 +39,19 @@ def test_trial_reports_validation_only_and_tests_once_at_the_end(tmp_path):
     assert run.data.params["temperature"] == "2.0" and run.data.params["alpha"] == "0.5"
     history = tracker.client.get_metric_history(run.info.run_id, "val/robust_acc")
     assert sorted(h.step for h in history) == [1, 2]
-    assert len(tracker.runs("teacher")) == 1
+    assert len(runs_of(ctx, "teacher")) == 1
     arts = {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
     assert {"student.pt", "sweep.yaml"} <= arts
 
 
 def test_same_config_and_seed_give_the_same_metrics(tmp_path):
     a, b = [], []
-    run_trial(_ctx(tmp_path / "a"), CONFIG, lambda m, s: a.append(m))
-    run_trial(_ctx(tmp_path / "b"), CONFIG, lambda m, s: b.append(m))
+    run_trial(make_context(tmp_path / "a"), CONFIG, lambda m, s: a.append(m))
+    run_trial(make_context(tmp_path / "b"), CONFIG, lambda m, s: b.append(m))
     assert a == b
-    other = {**CONFIG, "seed": 1}
+    other = trial_config(seed=1)
     c = []
-    run_trial(_ctx(tmp_path / "c"), other, lambda m, s: c.append(m))
+    run_trial(make_context(tmp_path / "c"), other, lambda m, s: c.append(m))
     assert c != a
 
 
@@ -91,9 +69,9 @@ def _stopped_after_first_epoch(ctx):
 
 
 def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     state = _stopped_after_first_epoch(ctx)
-    (run,) = ctx.tracker().runs("student")
+    (run,) = runs_of(ctx)
     assert run.info.status == "RUNNING" and "test/clean_acc" not in run.data.metrics
     finalize_from_state(ctx, CONFIG, state)
     run = ctx.tracker().client.get_run(run.info.run_id)
@@ -103,40 +81,39 @@ def test_trial_stopped_early_is_tested_from_its_checkpoint(tmp_path):
 
 
 def test_resumed_trial_continues_the_same_run_without_repeating_epochs(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     _stopped_after_first_epoch(ctx)
     resumed = []
     run_trial(ctx, CONFIG, lambda m, s: resumed.append(m))  # finds its checkpoint
     assert [m["epoch"] for m in resumed] == [2]
-    (run,) = ctx.tracker().runs("student")
+    (run,) = runs_of(ctx)
     steps = [
         h.step for h in ctx.tracker().client.get_metric_history(run.info.run_id, "val/clean_acc")
     ]
     assert sorted(steps) == [1, 2]
     # and the result equals an uninterrupted run's
     straight = []
-    run_trial(_ctx(tmp_path / "straight"), CONFIG, lambda m, s: straight.append(m))
+    run_trial(make_context(tmp_path / "straight"), CONFIG, lambda m, s: straight.append(m))
     assert straight[-1] == resumed[-1]
 
 
 def test_diverging_trial_fails_with_reason(tmp_path):
-    ctx = _ctx(tmp_path)
-    bad = {**CONFIG, "hp": {"temperature": 2.0, "alpha": 0.5, "lr": float("inf")}}
+    ctx = make_context(tmp_path)
+    bad = trial_config(hp={"temperature": 2.0, "alpha": 0.5, "lr": float("inf")})
     with pytest.raises(Diverged):
         run_trial(ctx, bad, lambda m, s: None)
-    (run,) = ctx.tracker().runs("student")
+    (run,) = runs_of(ctx)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "diverged"
 
 
 def test_teacher_run_shows_accuracy_cmi_ncmi_and_a_corrupt_cache_file_is_logged(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     data = get_splits(ctx.spec, torch.device("cpu"))
     (t,) = ctx.spec.cell_teachers(Cell("ce", "kd", "pgd"))
     model, rec = get_teacher(ctx, t, data, torch.device("cpu"))
     assert rec.event == "trained"
-    tracker = ctx.tracker()
-    (run,) = tracker.runs("teacher")
+    (run,) = runs_of(ctx, "teacher")
     m = run.data.metrics
     assert {
         "val/clean_acc",
@@ -152,7 +129,7 @@ def test_teacher_run_shows_accuracy_cmi_ncmi_and_a_corrupt_cache_file_is_logged(
     weights.write_bytes(weights.read_bytes()[:200])  # truncated, e.g. a node died mid-copy
     again, rec2 = get_teacher(ctx, t, data, torch.device("cpu"))  # a later trial, same sweep
     assert rec2.event == "retrained" and "checksum" in rec2.problem
-    (run,) = tracker.runs("teacher")  # still one run per teacher per sweep, now with the event
+    (run,) = runs_of(ctx, "teacher")  # still one run per teacher per sweep, now with the event
     assert run.data.tags["cache_event"] == "retrained"
     assert "checksum" in run.data.tags["cache_problem"]
     # the same seed retrains the same teacher
@@ -161,7 +138,7 @@ def test_teacher_run_shows_accuracy_cmi_ncmi_and_a_corrupt_cache_file_is_logged(
 
 
 def test_teacher_set_members_are_cached_by_content_like_any_teacher(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     spec = ctx.spec
     data = get_splits(spec, torch.device("cpu"))
     primary = spec.teacher_variants()["mse"]
@@ -172,7 +149,7 @@ def test_teacher_set_members_are_cached_by_content_like_any_teacher(tmp_path):
     assert records[0].hash != records[1].hash
     _, again = get_teachers(ctx, defs, data, torch.device("cpu"))
     assert [r.event for r in again] == ["cached", "cached"]
-    runs = ctx.tracker().runs("teacher")
+    runs = runs_of(ctx, "teacher")
     assert sorted(r.data.tags["teacher_label"] for r in runs) == ["mse", "pgd_at+steps=2"]
     robust = next(r for r in runs if r.data.params["loss"] == "pgd_at")
     assert robust.data.params["loss_params.eps"] == str(spec.threat.eps)
@@ -186,8 +163,8 @@ def test_a_kill_between_logging_and_checkpointing_does_not_log_an_epoch_twice(tm
     """The trial logs epoch 2 to MLflow, then dies before its checkpoint of epoch 2 is written
     (modelled by putting back the checkpoint of epoch 1): the restart trains epoch 2 again but
     logs it once."""
-    ctx = _ctx(tmp_path, budget={"trials_per_cell": 1, "epochs": 3, "grace_period": 3})
-    key, checkpoints = trial_key(CONFIG), ctx.checkpoints()
+    ctx = make_context(tmp_path, budget={"trials_per_cell": 1, "epochs": 3, "grace_period": 3})
+    key, checkpoints = CONFIG.key, ctx.checkpoints()
     saved = {}
 
     def report(metrics, state):
@@ -201,7 +178,7 @@ def test_a_kill_between_logging_and_checkpointing_does_not_log_an_epoch_twice(tm
     resumed = []
     run_trial(ctx, CONFIG, lambda m, s: resumed.append(m["epoch"]))
     assert resumed == [2, 3]
-    (run,) = ctx.tracker().runs("student")
+    (run,) = runs_of(ctx)
     assert run.info.status == "FINISHED"
     for metric in ("val/clean_acc", "val/robust_acc", "train/loss"):
         assert _steps(ctx, run.info.run_id, metric) == [1, 2, 3]
@@ -209,40 +186,38 @@ def test_a_kill_between_logging_and_checkpointing_does_not_log_an_epoch_twice(tm
 
 
 def test_a_trial_that_finished_before_a_restart_reports_without_training(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     first = []
     run_trial(ctx, CONFIG, lambda m, s: first.append(m))
-    (run,) = ctx.tracker().runs("student")
-    mtime = (tmp_path / "sweep" / "trials" / trial_key(CONFIG) / "state.pt").stat().st_mtime_ns
+    (run,) = runs_of(ctx)
+    mtime = (tmp_path / "sweep" / "trials" / CONFIG.key / "state.pt").stat().st_mtime_ns
     again = []
-    run_trial(ctx, {**CONFIG, "trial_id": "new"}, lambda m, s: again.append(m))
+    run_trial(ctx, trial_config(trial_id="new"), lambda m, s: again.append(m))
     assert [m["epoch"] for m in again] == [2]
     assert again[0]["val/clean_acc"] == first[-1]["val/clean_acc"]
-    assert (
-        tmp_path / "sweep" / "trials" / trial_key(CONFIG) / "state.pt"
-    ).stat().st_mtime_ns == mtime
+    assert (tmp_path / "sweep" / "trials" / CONFIG.key / "state.pt").stat().st_mtime_ns == mtime
     assert _steps(ctx, run.info.run_id) == [1, 2]
-    assert len(ctx.tracker().runs("student")) == 1
+    assert len(runs_of(ctx)) == 1
 
 
 def test_a_diverged_trial_is_not_retried(tmp_path):
-    ctx = _ctx(tmp_path)
-    bad = {**CONFIG, "hp": {"temperature": 2.0, "alpha": 0.5, "lr": float("inf")}}
+    ctx = make_context(tmp_path)
+    bad = trial_config(hp={"temperature": 2.0, "alpha": 0.5, "lr": float("inf")})
     with pytest.raises(Diverged):
         run_trial(ctx, bad, lambda m, s: None)
     with pytest.raises(TrialFailed, match="diverged"):
         run_trial(ctx, bad, lambda m, s: None)
-    (run,) = ctx.tracker().runs("student")
+    (run,) = runs_of(ctx)
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "diverged"
 
 
 def test_a_trial_asha_stopped_reports_its_last_epoch_and_does_not_train_on(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = make_context(tmp_path)
     state = _stopped_after_first_epoch(ctx)
-    ctx.checkpoints().set_outcome(trial_key(CONFIG), STOPPED, "asha")
+    ctx.checkpoints().set_outcome(CONFIG.key, STOPPED, "asha")
     again = []
     run_trial(ctx, CONFIG, lambda m, s: again.append(m))
     assert [m["epoch"] for m in again] == [1]
     assert again[0]["val/clean_acc"] == state["metrics"]["val/clean_acc"]
-    (run,) = ctx.tracker().runs("student")
+    (run,) = runs_of(ctx)
     assert _steps(ctx, run.info.run_id) == [1]

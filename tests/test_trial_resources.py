@@ -9,12 +9,10 @@ from types import SimpleNamespace
 import pytest
 import ray
 import torch
-from conftest import tiny_spec_dict
+from conftest import make_context, tiny_spec_dict, trial_config
 
-from sweep.checkpoints import trial_key
+from sweep.driver import _finalize_early_stopped, _trial_slots, _with_trial_resources
 from sweep.spec import parse_spec
-from sweep.trial import SweepContext
-from sweep.tune import _finalize_early_stopped, _trial_slots, _with_trial_resources
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +62,14 @@ def test_stopped_trials_whose_test_fails_are_recorded_failed_and_the_others_stil
 ):
     """Two ASHA-stopped trials whose checkpoints are gone: each test fails, each run is marked
     FAILED with the reason, and the first failure does not keep the second from being tried."""
-    spec = parse_spec(tiny_spec_dict(tmp_path))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ctx = SweepContext(spec, str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, "t", None)
+    ctx = make_context(tmp_path)
     tracker, results, runs = ctx.tracker(), [], []
     for k in range(2):
-        config = {"cell": "ce.kd.pgd", "cell_index": k, "seed": k, "hp": {}}
-        runs.append(tracker.start_run(f"ce.kd.pgd#{k}", tags={"kind": "student"}))
-        ctx.checkpoints().set_run_id(trial_key(config), runs[-1])
-        results.append(SimpleNamespace(config=config, error=None, metrics={"epoch": 1}))
+        config = trial_config(number=k, seed=k, hp={})
+        runs.append(tracker.start_run(config.label, tags={"kind": "student"}))
+        ctx.checkpoints().set_run_id(config.key, runs[-1])
+        # what Tune's ResultGrid holds: the config as a dict (the Tune boundary)
+        results.append(SimpleNamespace(config=config.to_dict(), error=None, metrics={"epoch": 1}))
     assert _finalize_early_stopped(ctx, results, embedded=True) == 2
     for run_id in runs:
         run = tracker.client.get_run(run_id)
