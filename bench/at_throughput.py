@@ -1,19 +1,20 @@
 """PGD-k adversarial-training throughput (images/s) of ResNet-18, and the fraction of the
 device's peak FLOP/s it achieves.
 
-What is timed is a trial's own training step, nothing re-implemented: `sweep.training.train_epoch`
-(shuffle, augmentation, non-finite guard, zero_grad/backward/SGD step/schedule step, the loss
-summed on the device)
-with the step loss that `sweep.trial.run_trial` builds for a cell `pgd_at` x `pgd`: x' =
-method.adversarial(...) through `sweep.attacks.run_attack("pgd", ...)` (L-inf, eps 8/255, k steps,
-the default step 2.5*eps/k, random start, the student in eval mode during the attack), then
-method.loss = CE(S(x'), y). Model: `build_model("resnet18")` (CIFAR stem, normalisation as its
-first layer), SGD with the sweep's default optimiser settings, CIFAR-10-shaped random data
-(3x32x32 in [0, 1], 10 classes) and CIFAR-10's crop/flip augmentation. Warm-up steps are not
-timed. Options add bf16 autocast (here around the step loss: attack and outer forward, the outer
-backward outside it; a trial scopes it to each network's forward, sweep/fast.py, which differs
-only in the loss arithmetic), channels_last (model and batches) and
-torch.compile; on CUDA bf16 + channels_last are the defaults, on CPU fp32 as a trial runs.
+What is timed is the trial's own training step, called, not copied: `sweep.training.student_epoch`
+(the function `sweep.trial.run_trial` calls each epoch: shuffle, augmentation, non-finite guard,
+zero_grad/backward/SGD step/schedule step, the loss summed on the device; every network's
+forwards under `fast.training_forwards`; each batch through `fast.to_format`) for a cell
+`pgd_at` x `pgd`: x' = method.adversarial(...) with `sweep.training.TrainAttack("pgd", ...)`
+(L-inf, eps 8/255, k steps, the default step 2.5*eps/k, random start, the student in eval mode
+during the attack), then method.loss = CE(S(x'), y). Model: `build_model("resnet18")` (CIFAR
+stem, normalisation as its first layer) made ready by `fast.prepare` as a trial's student is,
+SGD with the sweep's default optimiser settings, CIFAR-10-shaped random data (3x32x32 in [0, 1],
+10 classes) and CIFAR-10's crop/flip augmentation. Warm-up steps are not timed. The options are
+the trial's `compute:` settings (a `fast.FastPath`): bf16 (autocast of each network's forward,
+fp32 logits and losses, as a trial runs it), channels_last (weights by `fast.prepare`, batches
+by `to_format`) and compile (`fast.maybe_compile`: the student compiled in place); on CUDA bf16
++ channels_last are the defaults (`compute: auto`), on CPU fp32 as a trial runs.
 
 FLOP accounting (multiply-adds count 2; FlopCounterMode counts convolutions and matmuls, not
 batch norm, ReLU or the optimiser, which are a few percent and memory-bound):
@@ -50,20 +51,25 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sweep.attacks import eval_mode, run_attack
+from sweep.attacks import eval_mode
 from sweep.data import DATASETS, Splits, make_augmentation
+from sweep.fast import FastPath, maybe_compile, prepare, training_forwards
 from sweep.methods import METHODS
 from sweep.models import build_model
 from sweep.spec import OptimSpec
-from sweep.training import make_optimization, train_epoch
+from sweep.training import (
+    StepLoss,
+    TrainAttack,
+    make_optimization,
+    student_epoch,
+    student_step_loss,
+)
 
 EPS = 8 / 255
 # dense peak TFLOP/s (bf16, tf32, fp32) by a substring of torch.cuda.get_device_name(); the
@@ -98,23 +104,66 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def trial_step_loss(
-    model: nn.Module, steps: int, context: Callable[[], AbstractContextManager], fmt: Any
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The step loss run_trial builds for method pgd_at, train_attack pgd (sweep/trial.py),
-    with the precision context and memory format of this benchmark around it."""
-    method = METHODS.get("pgd_at")({})
+def fast_path(bf16: bool, channels_last: bool, compile: bool) -> FastPath:
+    """The trial's resolved `compute:` settings for these options (see sweep.fast.resolve)."""
+    return FastPath(
+        dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last, compile=compile
+    )
 
-    def attack(m: nn.Module, x: torch.Tensor, objective: Any) -> torch.Tensor:
-        return run_attack("pgd", m, x, objective, eps=EPS, steps=steps, norm="linf")
 
-    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=fmt)
-        with context():
-            x_adv = method.adversarial(model, [], x, y, attack)
-            return method.loss(model, [], x, x_adv, y)
+def pgd_at_cell(steps: int) -> tuple[Any, TrainAttack]:
+    """The cell pgd_at x pgd as run_trial configures it: the method, and the training attack
+    for an L-inf threat of eps 8/255 with k = `steps` and the attack's default step size."""
+    return METHODS.get("pgd_at")({}), TrainAttack("pgd", EPS, steps, None, "linf")
 
-    return step_loss
+
+class TrialTraining:
+    """One trial's student training, set up as run_trial sets it up (a fresh ResNet-18 made
+    ready by `fast.prepare`, the optimiser, the augmentation, the method and training attack of
+    pgd_at x pgd) on `batches` batches of random CIFAR-shaped data on `device`. `run(n)` trains
+    n steps through the trial's own `student_epoch`; `compile()` is the trial's
+    `fast.maybe_compile` (called after the FLOPs are counted: the counter needs the eager
+    model)."""
+
+    def __init__(
+        self, device: torch.device, fast: FastPath, batch: int, steps: int, batches: int
+    ) -> None:
+        self.device, self.fast, self.batch = device, fast, batch
+        self.data = random_splits(batch * max(batches, 1), device)
+        info = self.data.info
+        model = build_model(
+            "resnet18", in_channels=3, num_classes=info.num_classes, mean=info.mean, std=info.std
+        )
+        self.model = prepare(model.to(device), fast)  # as context.new_model builds a student
+        self.method, self.attack = pgd_at_cell(steps)
+        optim = OptimSpec().model_dump() | {"batch_size": batch}
+        self.opt, self.sched = make_optimization(self.model, optim, 1, len(self.data.x_train))
+        self.augmentation = make_augmentation(info, basic=True)
+        self.method.start_epoch(1, 1)
+
+    def step_loss(self) -> StepLoss:
+        """The trial's step loss for this student (run it inside training_forwards)."""
+        return student_step_loss(self.method, self.model, [], self.attack, self.fast)
+
+    def compile(self) -> None:
+        maybe_compile(self.model, self.fast)
+
+    def run(self, n: int) -> None:
+        """n training steps: one `student_epoch` over the first n batches."""
+        d, m = self.data, n * self.batch
+        part = Splits(d.info, d.x_train[:m], d.y_train[:m], d.x_val, d.y_val, d.x_test, d.y_test)
+        student_epoch(
+            self.method,
+            self.model,
+            [],
+            part,
+            attack=self.attack,
+            fast=self.fast,
+            batch_size=self.batch,
+            augmentation=self.augmentation,
+            optimizer=self.opt,
+            schedule=self.sched,
+        )
 
 
 def random_splits(n: int, device: torch.device) -> Splits:
@@ -147,15 +196,14 @@ class _TotalsOnly:
         return None
 
 
-def step_flops(
-    model: nn.Module, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: Splits
-) -> float:
-    """FLOPs per image of one whole training step (attack, loss, backward), counted."""
+def step_flops(model: nn.Module, step_loss: StepLoss, data: Splits, fast: FastPath) -> float:
+    """FLOPs per image of one whole training step (attack, loss, backward), counted with the
+    model's forwards as in training (`training_forwards`)."""
     x, y = data.x_train[:8], data.y_train[:8]
     model.train()
     fc = FlopCounterMode(display=False)
     fc.mod_tracker = _TotalsOnly()  # type: ignore[assignment]
-    with fc:
+    with fc, training_forwards(fast, model):
         step_loss(x, y).backward()
     model.zero_grad(set_to_none=True)
     return fc.get_total_flops() / len(x)
@@ -210,42 +258,18 @@ def main(argv: list[str] | None = None) -> None:
     args.channels_last = gpu if args.channels_last is None else args.channels_last
     torch.manual_seed(args.seed)
 
-    data = random_splits(batch * max(iters, warmup, 1), device)
-    info = data.info
-    model = build_model(
-        "resnet18", in_channels=3, num_classes=info.num_classes, mean=info.mean, std=info.std
-    ).to(device)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    fast = fast_path(args.bf16, args.channels_last, args.compile)
+    trial = TrialTraining(device, fast, batch, args.steps, max(iters, warmup, 1))
+    data, model = trial.data, trial.model
     f_fwd = forward_flops(model, data.x_train[:8])
-    counted = step_flops(model, trial_step_loss(model, args.steps, nullcontext, fmt), data)
-    if args.compile:
-        model = torch.compile(model)
-
-    def context() -> AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-
-    step_loss = trial_step_loss(model, args.steps, context, fmt)
-    optim = OptimSpec().model_dump() | {"batch_size": batch}
-    opt, sched = make_optimization(model, optim, 1, len(data.x_train))
-    augmentation = make_augmentation(info, basic=True)
+    counted = step_flops(model, trial.step_loss(), data, fast)
+    trial.compile()
 
     def run(n: int) -> float:
-        """n training steps through train_epoch; seconds."""
-        m = n * batch
-        d = data
-        part = Splits(info, d.x_train[:m], d.y_train[:m], d.x_val, d.y_val, d.x_test, d.y_test)
+        """n training steps through the trial's student_epoch; seconds."""
         sync_device(device)
         t = time.perf_counter()
-        train_epoch(
-            model,
-            part,
-            batch_size=batch,
-            augmentation=augmentation,
-            step_loss=step_loss,
-            optimizer=opt,
-            schedule=sched,
-        )
+        trial.run(n)
         sync_device(device)
         return time.perf_counter() - t
 

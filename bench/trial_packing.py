@@ -3,9 +3,11 @@
 A sweep with `resources.gpus_per_trial: 0.25` has Ray Tune run four trial actors on one GPU at
 once. This measures what that buys: each trial is a Ray actor with 1/N of the device (exactly the
 request Tune makes for a trial: `num_gpus=1/N`, `num_cpus=--cpus`), running the trial's own
-training step for `pgd_at` x `pgd` (bench/at_throughput.py: `train_epoch` with the step loss
-`run_trial` builds, ResNet-18, CIFAR-shaped random data already on the device, CIFAR
-augmentation on the device; bf16 + channels_last on a GPU as a trial's fast path uses).
+training step for `pgd_at` x `pgd` (bench/at_throughput.py's TrialTraining: the function
+`run_trial` calls each epoch, `sweep.training.student_epoch`, on a ResNet-18 made ready by
+`fast.prepare`, CIFAR-shaped random data already on the device, CIFAR augmentation on the
+device; bf16 + channels_last on a GPU as a trial's fast path uses them: autocast of each
+network's forward, not of the whole step).
 
 Measured in one run, one after the other: first one actor alone (the device to itself), then N
 actors. Every actor builds its model and data and runs its warm-up steps before the clock starts;
@@ -30,7 +32,6 @@ import argparse
 import os
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import torch
 
 BENCH = str(Path(__file__).resolve().parent)
 sys.path.insert(0, BENCH)
-import at_throughput as at  # noqa: E402  (a sibling script: the trial step and its data)
+import at_throughput as at  # noqa: E402  (a sibling script: the trial's training, set up)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,42 +70,15 @@ class TrialActor:
         if not gpu:
             torch.set_num_threads(max(1, int(args["cpus"])))
         torch.manual_seed(seed)
-        batch = args["batch"]
-        self.data = at.random_splits(batch * max(args["iters"], args["warmup"], 1), self.device)
-        info = self.data.info
-        fmt = torch.channels_last if args["channels_last"] else torch.contiguous_format
-        model = at.build_model(
-            "resnet18", in_channels=3, num_classes=info.num_classes, mean=info.mean, std=info.std
-        )
-        model = model.to(self.device, memory_format=fmt)
-        if args["compile"]:
-            model = torch.compile(model)
-
-        def context() -> AbstractContextManager:
-            if args["bf16"]:
-                return torch.autocast(self.device.type, dtype=torch.bfloat16)
-            return nullcontext()
-
-        self.model = model
-        self.step_loss = at.trial_step_loss(model, args["steps"], context, fmt)
-        optim = at.OptimSpec().model_dump() | {"batch_size": batch}
-        self.opt, self.sched = at.make_optimization(model, optim, 1, len(self.data.x_train))
-        self.augmentation = at.make_augmentation(info, basic=True)
+        fast = at.fast_path(args["bf16"], args["channels_last"], args["compile"])
+        batches = max(args["iters"], args["warmup"], 1)
+        self.trial = at.TrialTraining(self.device, fast, args["batch"], args["steps"], batches)
+        self.trial.compile()
         if args["warmup"]:
             self._steps(args["warmup"])
 
     def _steps(self, n: int) -> None:
-        d, m = self.data, n * self.args["batch"]
-        part = at.Splits(d.info, d.x_train[:m], d.y_train[:m], d.x_val, d.y_val, d.x_test, d.y_test)
-        at.train_epoch(
-            self.model,
-            part,
-            batch_size=self.args["batch"],
-            augmentation=self.augmentation,
-            step_loss=self.step_loss,
-            optimizer=self.opt,
-            schedule=self.sched,
-        )
+        self.trial.run(n)
         at.sync_device(self.device)
 
     def ready(self) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from sweep.fast import OFF, FastPath
 from sweep.models import build_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -39,10 +39,41 @@ def test_at_flops_counted_on_the_trial_step_match_the_accounting():
     f = at.forward_flops(model, data.x_train[:2])
     assert 1.0e9 < f < 1.2e9  # ResNet-18, CIFAR stem, 32x32
     k = 2
-    step = at.trial_step_loss(model, k, nullcontext, torch.contiguous_format)
-    counted = at.step_flops(model, step, data)
+    method, attack = at.pgd_at_cell(k)
+    step = at.student_step_loss(method, model, [], attack, OFF)
+    counted = at.step_flops(model, step, data, OFF)
     assert (2 * k + 3) * f * 0.99 < counted <= (2 * k + 3) * f
     assert all(p.grad is None for p in model.parameters())  # counting left no gradients
+
+
+def test_at_bench_trains_through_the_trials_student_epoch_on_its_fast_path(monkeypatch):
+    """The bench times the trial's own step (sweep.training.student_epoch), with bf16 scoped to
+    each network's forward as in a trial (no autocast around the step: the forward is entered
+    with autocast off and the Classifier switches it on inside), channels_last weights, and the
+    per-model dtype restored after the epoch."""
+    at = _load("at_throughput")
+    calls, seen = [], []
+    real = at.student_epoch
+
+    def spy(*args, **kw):
+        calls.append(kw["fast"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(at, "student_epoch", spy)
+    torch.manual_seed(0)
+    fp = at.fast_path(bf16=True, channels_last=True, compile=False)
+    assert fp == FastPath(dtype=torch.bfloat16, channels_last=True)
+    trial = at.TrialTraining(torch.device("cpu"), fp, batch=2, steps=1, batches=1)
+    model = trial.model
+    model.register_forward_pre_hook(
+        lambda m, a: seen.append((m.compute_dtype, torch.is_autocast_enabled("cpu")))
+    )
+    trial.run(1)
+    assert calls == [fp]
+    assert seen and all(s == (torch.bfloat16, False) for s in seen)  # attack + loss forwards
+    assert model.compute_dtype is None and model.channels_last
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_overhead_loop_stops_a_trial_the_way_ray_does():
