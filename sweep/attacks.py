@@ -5,15 +5,18 @@ untouched) and each submodule's own mode is restored afterwards; gradients are t
 torch.autograd.grad with respect to the input only, so no parameter's .grad is touched; every
 iterate is projected onto the eps-ball (L-inf or L2) and clipped to the data range [0, 1].
 
-An attack maximises an *objective*: a function of the model's logits on the perturbed input that
-returns a scalar. The plain attack uses cross-entropy against the label; distillation methods
-pass their own inner-maximisation objective (e.g. a KL against the teacher). For *evaluation*
-each registered attack names the objective it is defined with (`AttackInfo.objective`): CE for
-FGSM/PGD/MI-FGSM, the Carlini-Wagner margin for `cw_inf`.
+An attack maximises an *objective* (`AttackObjective`): a function of the model's logits on the
+perturbed input that returns a scalar. The plain attack uses cross-entropy against the label;
+distillation methods pass their own inner-maximisation objective (e.g. a KL against the teacher).
+For *evaluation* each registered attack names the objective it is defined with
+(`AttackInfo.objective`): CE for FGSM/PGD/MI-FGSM, the Carlini-Wagner margin for `cw_inf`.
 
 Every attack function has the signature
 `fn(model, x, objective, *, eps, steps, step_size=None, norm="linf", **_)`; the ones that do
 not iterate ignore `steps`, and an unsupported `norm` is a ValueError naming the allowed norms.
+Each is registered at its definition, `@ATTACKS.register(name, summary=..., ...)`: these are the
+training attacks (the grid's `train_attack` axis), also usable in `evaluation.attacks`. The
+evaluation-only ones (AutoAttack) are in `sweep.evaluate.EVAL_ATTACKS`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 
 from .registry import Registry
 
-Objective = Callable[[torch.Tensor], torch.Tensor]
+AttackObjective = Callable[[torch.Tensor], torch.Tensor]
 
 NORMS = ("linf", "l2")
 # Carlini-Wagner confidence used by `cw_inf`; see `cw_inf_objective` for why 50.
@@ -38,12 +41,12 @@ CW_KAPPA = 50.0
 _TINY = 1e-12
 
 
-def ce_objective(y: torch.Tensor) -> Objective:
+def ce_objective(y: torch.Tensor) -> AttackObjective:
     """Sum (not mean) so a per-example gradient does not shrink with the batch size."""
     return lambda logits: F.cross_entropy(logits, y, reduction="sum")
 
 
-def kl_objective(target_logits: torch.Tensor) -> Objective:
+def kl_objective(target_logits: torch.Tensor) -> AttackObjective:
     """objective(logits) = sum_i KL(softmax(target_i) || softmax(logits_i)), the target detached:
     the inner maximisation of TRADES-style methods (and RSLAD's, with the teacher as target).
     Summed over the batch, as `ce_objective`."""
@@ -61,7 +64,7 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return other - true
 
 
-def cw_objective(y: torch.Tensor, kappa: float = 0.0) -> Objective:
+def cw_objective(y: torch.Tensor, kappa: float = 0.0) -> AttackObjective:
     """Carlini & Wagner (2017), f_6 untargeted: sum_i min(max_{j != y_i} z_ij - z_{i,y_i}, kappa).
 
     Maximising it is minimising CW's max(z_y - max_{j != y} z_j, -kappa): the margin is pushed
@@ -75,7 +78,7 @@ def cw_objective(y: torch.Tensor, kappa: float = 0.0) -> Objective:
     return lambda logits: cw_margin(logits, y).clamp(max=kappa).sum()
 
 
-def cw_inf_objective(y: torch.Tensor) -> Objective:
+def cw_inf_objective(y: torch.Tensor) -> AttackObjective:
     """The objective of the registered `cw_inf`: the CW margin with kappa = CW_KAPPA = 50.
 
     Why 50 and not CW's default 0: 50 is what the evaluation code behind the robust-KD numbers
@@ -95,14 +98,15 @@ class AttackInfo:
     implements.
     """
 
+    name: str
     fn: Callable[..., torch.Tensor]
-    iterative: bool
     summary: str
-    objective: Callable[[torch.Tensor], Objective] = ce_objective
+    iterative: bool = False
+    objective: Callable[[torch.Tensor], AttackObjective] = ce_objective
     norms: tuple[str, ...] = ("linf",)
 
 
-ATTACKS: Registry[AttackInfo] = Registry("attack")
+ATTACKS: Registry[AttackInfo] = Registry("attack", entry=AttackInfo)
 
 
 @contextmanager
@@ -144,7 +148,7 @@ def attack_view(model: nn.Module) -> nn.Module:
     return view
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, objective: Objective) -> torch.Tensor:
+def input_grad(model: nn.Module, x: torch.Tensor, objective: AttackObjective) -> torch.Tensor:
     """d objective(model(x)) / dx, taken w.r.t. the input only (no parameter's .grad is touched).
 
     The caller chooses the model's mode; the attacks below call it inside `eval_mode`.
@@ -225,14 +229,18 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / _per_example_norm(grad, 2).clamp_min(_TINY)
 
 
-def no_attack(model: nn.Module, x: torch.Tensor, objective: Objective, **_: object) -> torch.Tensor:
+@ATTACKS.register("none", summary="clean inputs", norms=NORMS)
+def no_attack(
+    model: nn.Module, x: torch.Tensor, objective: AttackObjective, **_: object
+) -> torch.Tensor:
     return x
 
 
+@ATTACKS.register("fgsm", summary="FGSM, one step of size eps")
 def fgsm(
     model: nn.Module,
     x: torch.Tensor,
-    objective: Objective,
+    objective: AttackObjective,
     *,
     eps: float,
     steps: int = 1,
@@ -252,10 +260,17 @@ def fgsm(
     return project(x + alpha * grad.sign(), x, eps).detach()
 
 
+@ATTACKS.register(
+    "cw_inf",
+    summary="CW-inf: L-inf PGD on the Carlini-Wagner margin, kappa=50",
+    iterative=True,
+    objective=cw_inf_objective,
+)
+@ATTACKS.register("pgd", summary="PGD (L-inf or L2) with random start", iterative=True, norms=NORMS)
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
-    objective: Objective,
+    objective: AttackObjective,
     *,
     eps: float,
     steps: int,
@@ -287,10 +302,11 @@ def pgd(
     return x_adv.detach()
 
 
+@ATTACKS.register("fgsm_rs", summary="FGSM from a random start, step 1.25*eps (Wong et al. 2020)")
 def fgsm_rs(
     model: nn.Module,
     x: torch.Tensor,
-    objective: Objective,
+    objective: AttackObjective,
     *,
     eps: float,
     steps: int = 1,
@@ -310,10 +326,13 @@ def fgsm_rs(
     return pgd(model, x, objective, eps=eps, steps=1, step_size=alpha, random_start=True)
 
 
+@ATTACKS.register(
+    "mifgsm", summary="MI-FGSM, momentum 1.0, step eps/steps (Dong et al. 2018)", iterative=True
+)
 def mifgsm(
     model: nn.Module,
     x: torch.Tensor,
-    objective: Objective,
+    objective: AttackObjective,
     *,
     eps: float,
     steps: int = 10,
@@ -343,30 +362,11 @@ def mifgsm(
     return x_adv.detach()
 
 
-ATTACKS.register("none")(AttackInfo(no_attack, False, "clean inputs", norms=NORMS))
-ATTACKS.register("fgsm")(AttackInfo(fgsm, False, "FGSM, one step of size eps"))
-ATTACKS.register("fgsm_rs")(
-    AttackInfo(fgsm_rs, False, "FGSM from a random start, step 1.25*eps (Wong et al. 2020)")
-)
-ATTACKS.register("pgd")(AttackInfo(pgd, True, "PGD (L-inf or L2) with random start", norms=NORMS))
-ATTACKS.register("cw_inf")(
-    AttackInfo(
-        pgd,
-        True,
-        "CW-inf: L-inf PGD on the Carlini-Wagner margin, kappa=50",
-        objective=cw_inf_objective,
-    )
-)
-ATTACKS.register("mifgsm")(
-    AttackInfo(mifgsm, True, "MI-FGSM, momentum 1.0, step eps/steps (Dong et al. 2018)")
-)
-
-
 def run_attack(
     name: str,
     model: nn.Module,
     x: torch.Tensor,
-    objective: Objective,
+    objective: AttackObjective,
     *,
     eps: float,
     steps: int = 10,

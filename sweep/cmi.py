@@ -31,10 +31,12 @@ from torch import nn
 
 from .attacks import eval_mode
 
+# the one floor for the logs of probabilities, here and in the mcmi/cmic teacher losses
 LOG_FLOOR = 1e-12
 
 
-def _log(p: torch.Tensor) -> torch.Tensor:
+def floored_log(p: torch.Tensor) -> torch.Tensor:
+    """log of probabilities floored at LOG_FLOOR (see the module docstring)."""
     return p.clamp_min(LOG_FLOOR).log()
 
 
@@ -59,7 +61,7 @@ def cmi(
     if centroids is None:
         centroids = class_centroids(probs, y, probs.shape[1])
     q = centroids[y]
-    return (probs * (_log(probs) - _log(q))).sum(dim=1).mean()
+    return (probs * (floored_log(probs) - floored_log(q))).sum(dim=1).mean()
 
 
 def separation(probs: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -70,7 +72,7 @@ def separation(probs: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch
     floats would be 40 GB). Accumulated in float64: n^2 = 10^8 terms.
     """
     n = probs.shape[0]
-    neg_log = -_log(probs)
+    neg_log = -floored_log(probs)
     total = probs.new_zeros((), dtype=torch.float64)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)

@@ -25,6 +25,7 @@ class DatasetInfo:
     """What the rest of the system needs to know about a dataset without loading it."""
 
     name: str
+    load: Callable[[Path, bool], tuple[torch.Tensor, ...]]
     num_classes: int
     shape: tuple[int, int, int]  # C, H, W
     mean: tuple[float, ...]
@@ -33,16 +34,23 @@ class DatasetInfo:
     crop_pad: int  # random-crop padding used by augmentation
     bundled: bool  # ships with a package: no download, no data_dir
     has_test_split: bool  # an official test split exists
-    load: Callable[[Path, bool], tuple[torch.Tensor, ...]]
 
 
-DATASETS: Registry[DatasetInfo] = Registry("dataset")
+# `@DATASETS.register(name, num_classes=..., ...)` on a loader `load(data_dir, download)`
+DATASETS: Registry[DatasetInfo] = Registry("dataset", entry=DatasetInfo)
 
 
-def _register(info: DatasetInfo) -> None:
-    DATASETS.register(info.name)(info)
-
-
+@DATASETS.register(
+    "digits",
+    num_classes=10,
+    shape=(1, 8, 8),
+    mean=(0.3053,),
+    std=(0.3760,),
+    flip=False,
+    crop_pad=1,
+    bundled=True,
+    has_test_split=False,
+)
 def _load_digits(data_dir: Path, download: bool) -> tuple[torch.Tensor, ...]:
     """scikit-learn's bundled 8x8 digits. Read straight from its CSV: importing
     sklearn.datasets costs ~2 s in every fresh Ray worker, the file 15 ms."""
@@ -104,22 +112,6 @@ def _torchvision_loader(cls_name: str, split_kw: str) -> Callable[[Path, bool], 
     return load
 
 
-_register(
-    DatasetInfo(
-        "digits",
-        10,
-        (1, 8, 8),
-        (0.3053,),
-        (0.3760,),
-        flip=False,
-        crop_pad=1,
-        bundled=True,
-        has_test_split=False,
-        load=_load_digits,
-    )
-)
-
-
 def _torchvision(
     name: str,
     cls: str,
@@ -130,21 +122,18 @@ def _torchvision(
     flip: bool,
     split_kw: str,
 ) -> None:
-    pad = 2 if shape[1] == 28 else 4
-    _register(
-        DatasetInfo(
-            name,
-            classes,
-            shape,
-            mean,
-            std,
-            flip=flip,
-            crop_pad=pad,
-            bundled=False,
-            has_test_split=True,
-            load=_torchvision_loader(cls, split_kw),
-        )
-    )
+    """Register a torchvision dataset (its loader is made here, so the decorator is called)."""
+    DATASETS.register(
+        name,
+        num_classes=classes,
+        shape=shape,
+        mean=mean,
+        std=std,
+        flip=flip,
+        crop_pad=2 if shape[1] == 28 else 4,
+        bundled=False,
+        has_test_split=True,
+    )(_torchvision_loader(cls, split_kw))
 
 
 _torchvision("mnist", "MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), False, "train")

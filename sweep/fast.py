@@ -51,11 +51,6 @@ class FastPath:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def describe(self) -> str:
-        parts = [str(self.dtype).removeprefix("torch.") if self.dtype else "fp32"]
-        parts += ["channels_last"] * self.channels_last + ["compile"] * self.compile
-        return "+".join(parts)
-
 
 OFF = FastPath()
 

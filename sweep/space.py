@@ -1,15 +1,18 @@
 """Search-space parameters: the four kinds a sweep file may use, and their Optuna distributions.
 
 Why a module of its own: methods declare their default ranges with these types, and the sweep
-file's schema (spec.py) validates user overrides with the same types.
+file's schema (spec.py) validates user overrides with the same types. Optuna is imported only by
+`distribution()`, which the searcher calls: a method declaring its space does not import it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import optuna.distributions as od
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+if TYPE_CHECKING:
+    import optuna.distributions as od
 
 
 class StrictModel(BaseModel):
@@ -52,6 +55,8 @@ class FloatParam(_Range):
     type: Literal["float"] = "float"
 
     def distribution(self) -> od.BaseDistribution:
+        import optuna.distributions as od
+
         return od.FloatDistribution(self.low, self.high)
 
 
@@ -65,6 +70,8 @@ class LogFloatParam(_Range):
         return self
 
     def distribution(self) -> od.BaseDistribution:
+        import optuna.distributions as od
+
         return od.FloatDistribution(self.low, self.high, log=True)
 
 
@@ -83,6 +90,8 @@ class IntParam(StrictModel):
         return self
 
     def distribution(self) -> od.BaseDistribution:
+        import optuna.distributions as od
+
         return od.IntDistribution(self.low, self.high, log=self.log)
 
 
@@ -91,14 +100,26 @@ class CategoricalParam(StrictModel):
     choices: list[float | int | str | bool] = Field(min_length=1)
 
     def distribution(self) -> od.BaseDistribution:
+        import optuna.distributions as od
+
         return od.CategoricalDistribution(self.choices)
 
 
 SearchParam = Annotated[
     FloatParam | LogFloatParam | IntParam | CategoricalParam, Field(discriminator="type")
 ]
-# A fixed value (a plain number or string) is also allowed wherever a SearchParam is.
-ParamValue = SearchParam | float | int | str | bool
+
+
+def _fixed_or_range(v: Any) -> str:
+    return "range" if isinstance(v, dict) else "fixed"
+
+
+# A fixed value (a plain number or string) is also allowed wherever a SearchParam is: what a
+# search-space entry of the sweep file holds (a mapping is a range, anything else a fixed value).
+ParamValue = Annotated[
+    Annotated[SearchParam, Tag("range")] | Annotated[float | int | bool | str, Tag("fixed")],
+    Discriminator(_fixed_or_range),
+]
 
 
 def is_searched(p: ParamValue) -> bool:

@@ -5,7 +5,7 @@ Why classes rather than functions of (logits, labels): some losses keep state ac
 the first epoch (`cmic`'s initial centroids and class priors), or run the model themselves on
 inputs other than the batch (`pgd_at`, `trades`). One instance trains one teacher.
 
-Adding a loss: a TeacherLoss subclass here and one `TEACHER_LOSSES.register` line at the bottom.
+Adding a loss: a TeacherLoss subclass here, decorated with `@TEACHER_LOSSES.register("<name>")`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import ce_objective, eval_mode, kl_objective, pgd
-from .cmi import class_centroids
+from .cmi import class_centroids, floored_log
 from .losses import trades_loss
 from .registry import Registry
-
-# The bounds of a LossParam are inclusive; this is the largest float below 1, so that
-LOG_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -60,12 +57,13 @@ class LossParam:
 
 class TeacherLoss:
     """One instance trains one teacher; it may keep state (centroids) across batches/epochs.
+    Subclasses are registered with `@TEACHER_LOSSES.register("<name>")`, which sets `name`.
 
     Call order: begin(...) once with the whole training split, then per epoch loss(...) on each
     batch (model in train() mode) followed by end_epoch().
     """
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # the registry key, set by @TEACHER_LOSSES.register
     summary: ClassVar[str]
     params: ClassVar[dict[str, LossParam]] = {}
     adversarial: ClassVar[bool] = False  # trains on adversarial examples (pgd_at, trades)
@@ -113,20 +111,23 @@ class TeacherLoss:
         }
 
 
+TEACHER_LOSSES: Registry[type[TeacherLoss]] = Registry("teacher loss")
+
+
+@TEACHER_LOSSES.register("ce")
 class CrossEntropy(TeacherLoss):
-    name = "ce"
     summary = "cross-entropy (maximum likelihood)"
 
     def loss(self, model, x, y) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
 
 
+@TEACHER_LOSSES.register("mse")
 class MSE(TeacherLoss):
     """Hamidi et al. (ECCV 2024): squared error between the softmax probabilities and the one-hot
     label, summed over classes and averaged over the batch (the Brier score). On probabilities,
     not logits: the authors' released code trains with CE here by mistake."""
 
-    name = "mse"
     summary = "MSE between softmax probabilities and one-hot labels (Hamidi et al. 2024)"
 
     def loss(self, model, x, y) -> torch.Tensor:
@@ -135,10 +136,10 @@ class MSE(TeacherLoss):
         return (p - onehot).pow(2).sum(dim=1).mean()
 
 
+@TEACHER_LOSSES.register("label_smoothing")
 class LabelSmoothing(TeacherLoss):
     """CE against (1 - s) * onehot + s / C, i.e. (1 - s) * CE + s * mean_k(-log p_k)."""
 
-    name = "label_smoothing"
     summary = "cross-entropy against smoothed labels (1-s)*onehot + s/C"
     params = {
         "smoothing": LossParam(0.1, low=0.0, high=1.0, high_open=True, doc="s, in [0, 1)"),
@@ -150,9 +151,10 @@ class LabelSmoothing(TeacherLoss):
 
 def _kl_to(log_p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Per-row KL(P || Q) from log P (stable, from log_softmax) and the probabilities Q."""
-    return (log_p.exp() * (log_p - q.clamp_min(LOG_FLOOR).log())).sum(dim=1)
+    return (log_p.exp() * (log_p - floored_log(q))).sum(dim=1)
 
 
+@TEACHER_LOSSES.register("mcmi")
 class MCMI(TeacherLoss):
     """Ye et al. (ICLR 2024): CE - lambda * CMI_Q, maximising the conditional mutual information
     so the teacher's outputs carry more of the class-conditional structure a student learns from.
@@ -163,7 +165,6 @@ class MCMI(TeacherLoss):
     its batch mean; until then it is uniform.
     """
 
-    name = "mcmi"
     summary = "CE - lambda*CMI to running class centroids (Ye et al. 2024)"
     params = {
         "lambda": LossParam(0.1, low=0.0, doc="weight of the CMI term"),
@@ -197,6 +198,7 @@ class MCMI(TeacherLoss):
         self.seen |= present
 
 
+@TEACHER_LOSSES.register("cmic")
 class CMIC(TeacherLoss):
     """Yang et al., "Conditional Mutual Information Constrained Deep Learning for
     Classification": minimise CE subject to NCMI <= r, through the Lagrangian
@@ -216,7 +218,6 @@ class CMIC(TeacherLoss):
     a list of values in the sweep file trains one teacher per value.
     """
 
-    name = "cmic"
     summary = "CE + lambda*CMI - beta*separation, alternating with centroids (Yang et al.)"
     params = {
         "lambda": LossParam(0.1, low=0.0, doc="weight of the CMI term (ours, to be tuned)"),
@@ -255,7 +256,7 @@ class CMIC(TeacherLoss):
         log_p = F.log_softmax(model(x), dim=1)
         q = self.centroids.to(log_p)
         cmi_q = _kl_to(log_p, q[y]).mean()
-        h = log_p.exp() @ -q.clamp_min(LOG_FLOOR).log().T  # h[i, v] = H(P_i, Q_v)
+        h = log_p.exp() @ -floored_log(q).T  # h[i, v] = H(P_i, Q_v)
         w = self.priors.to(log_p).expand_as(h).scatter(1, y.unsqueeze(1), 0.0)  # pi_v, v != y_i
         gamma_q = (w * h).sum(dim=1).mean()
         with torch.no_grad():
@@ -307,10 +308,10 @@ class _Adversarial(TeacherLoss):
         return self.robust_loss(model, x, self.perturb(model, x, y), y)
 
 
+@TEACHER_LOSSES.register("pgd_at")
 class PGDAT(_Adversarial):
     """Madry et al. (2018): CE at x', x' = PGD maximising CE from a uniform random start."""
 
-    name = "pgd_at"
     summary = "PGD adversarial training: CE(model(x'), y) (Madry et al. 2018)"
 
     def perturb(self, model, x, y) -> torch.Tensor:
@@ -322,6 +323,7 @@ class PGDAT(_Adversarial):
         return F.cross_entropy(model(x_adv), y)
 
 
+@TEACHER_LOSSES.register("trades")
 class TRADES(_Adversarial):
     """Zhang et al. (2019): CE(model(x), y) + beta * KL(p(x) || p(x')), batchmean KL.
 
@@ -330,7 +332,6 @@ class TRADES(_Adversarial):
     training loss the gradient flows through both p(x) and p(x'), also as theirs.
     """
 
-    name = "trades"
     summary = "TRADES: CE(x) + beta*KL(p(x) || p(x')) (Zhang et al. 2019)"
     params = {"beta": LossParam(6.0, low=0.0, doc="weight of the robust KL"), **_Adversarial.params}
 
@@ -350,13 +351,3 @@ class TRADES(_Adversarial):
 
     def robust_loss(self, model, x, x_adv, y) -> torch.Tensor:
         return trades_loss(model(x), model(x_adv), y, self.p["beta"])
-
-
-TEACHER_LOSSES: Registry[type[TeacherLoss]] = Registry("teacher loss")
-TEACHER_LOSSES.register(CrossEntropy.name)(CrossEntropy)
-TEACHER_LOSSES.register(MSE.name)(MSE)
-TEACHER_LOSSES.register(LabelSmoothing.name)(LabelSmoothing)
-TEACHER_LOSSES.register(MCMI.name)(MCMI)
-TEACHER_LOSSES.register(CMIC.name)(CMIC)
-TEACHER_LOSSES.register(PGDAT.name)(PGDAT)
-TEACHER_LOSSES.register(TRADES.name)(TRADES)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import Objective
+from ..attacks import AttackObjective
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method
+from .base import METHODS, Method
 
 
 class StudentTeacher(nn.Module):
@@ -49,7 +49,7 @@ class StudentTeacher(nn.Module):
         return torch.stack((self.student(x), self.teacher(x)))
 
 
-def mismatch_objective(temperature: float) -> Objective:
+def mismatch_objective(temperature: float) -> AttackObjective:
     """KL(p_T^T || p_S^T) on stacked (student, teacher) logits, summed over the batch (a sum, like
     `ce_objective`, so the per-example gradient does not shrink with the batch size)."""
 
@@ -62,8 +62,8 @@ def mismatch_objective(temperature: float) -> Objective:
     return objective
 
 
+@METHODS.register("advfunmatch")
 class AdvFunMatch(Method):
-    name = "advfunmatch"
     summary = "AdvFunMatch: x' maximises KL(T(x')||S(x')); loss T^2*KL(T(x')||S(x'))"
     teacher_set = "one"
     needs_attack = True

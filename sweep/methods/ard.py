@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import soft_kl
-from .base import ALPHA, TEMPERATURE, Method
+from .base import ALPHA, METHODS, TEMPERATURE, Method
 
 
 def ard_loss(
@@ -25,8 +25,8 @@ def ard_loss(
     return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s_clean, y)
 
 
+@METHODS.register("ard")
 class ARD(Method):
-    name = "ard"
     summary = "ARD: alpha*T^2*KL(T(x)||S(x')) + (1-alpha)*CE(S(x), y)"
     teacher_set = "one"
     needs_attack = True

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..attacks import ce_objective
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method
+from .base import METHODS, Method
 
 
 def amalgamate(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +52,8 @@ def amalgamate(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[torch.Tenso
     return weights, (weights.unsqueeze(2) * z).sum(dim=0)
 
 
+@METHODS.register("ataka")
 class ATAKA(Method):
-    name = "ataka"
     summary = "AT-AKA: one x' per teacher; T^2*KL(amalgamated teachers || S(x'_k)), mean over k"
     teacher_set = "ensemble"
     needs_attack = True

@@ -12,18 +12,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..attacks import Objective, ce_objective
+from ..attacks import AttackObjective, ce_objective
 from ..models import forward_features
+from ..registry import Registry
 from ..space import FloatParam, SearchParam
 
 # The cell's training attack, configured (algorithm from the grid's train_attack axis, eps and
 # steps from the file): attack(model, x, objective) -> x' maximising objective(model(x')) in the
 # eps-ball. For train_attack 'none' it returns x unchanged.
-Attack = Callable[[nn.Module, torch.Tensor, Objective], torch.Tensor]
+Attack = Callable[[nn.Module, torch.Tensor, AttackObjective], torch.Tensor]
 
 
 class Method:
-    """A student objective. Subclasses set the class attributes and implement `loss`.
+    """A student objective. Subclasses set the class attributes, implement `loss`, and are
+    registered with `@METHODS.register("<name>")`, which sets `name`.
 
     Training step: start_epoch(...) once per epoch; per batch
     x' = adversarial(student, teachers, x, y, attack) (by default: attack the student with
@@ -37,7 +39,7 @@ class Method:
     many terms of adversarial() and loss() ask for them (see TeacherOutputs).
     """
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # the registry key, set by @METHODS.register
     summary: ClassVar[str]
     # "none", "one", "clean+robust" (MTARD) or "ensemble" (AT-AKA); see teacher_defs.py
     teacher_set: ClassVar[str] = "none"
@@ -77,7 +79,7 @@ class Method:
 
     def inner_objective(
         self, student: nn.Module, teachers: list[nn.Module], x: torch.Tensor, y: torch.Tensor
-    ) -> Objective:
+    ) -> AttackObjective:
         return ce_objective(y)
 
     def adversarial(
@@ -121,15 +123,10 @@ class Method:
         }
 
 
+METHODS: Registry[type[Method]] = Registry("method")
+
 TEMPERATURE = FloatParam(low=1.0, high=10.0)
 ALPHA = FloatParam(low=0.1, high=0.95)
-
-
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Teachers are frozen and always in eval(): no batch-norm updates, no gradients.
-    Uncached; methods call Method.teacher_logits, which shares one pass per batch."""
-    return teacher(x)
 
 
 # each teacher's parameters and buffers, collected once: walking the module tree costs ~0.5 ms

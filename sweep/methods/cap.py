@@ -35,6 +35,7 @@ import torch
 
 from ..losses import soft_kl, trades_loss
 from ..space import FloatParam
+from .base import METHODS
 from .trades import TRADES
 
 
@@ -47,10 +48,10 @@ def ball_samples(x: torch.Tensor, x_adv: torch.Tensor, n: int) -> torch.Tensor:
     return (x.unsqueeze(0) + radius * u).clamp(0.0, 1.0)
 
 
+@METHODS.register("cap")
 class CAP(TRADES):
     """TRADES's inner maximisation and loss, plus the gamma term over random points."""
 
-    name = "cap"
     summary = (
         "CAP (our reading): CE(S(x)) + beta*KL(S(x)||S(x')) + gamma*mean_k KL(S(x)||S(x_k)), "
         "x' maximising the KL, x_k uniform in the ball"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method
+from .base import METHODS, Method
 
 
+@METHODS.register("ce")
 class CE(Method):
-    name = "ce"
     summary = "cross-entropy on x' (PGD-AT when train_attack is pgd); no teacher"
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:

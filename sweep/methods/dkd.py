@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method
+from .base import METHODS, Method
 
 
 def _split(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +56,8 @@ def dkd_terms(
 WARMUP_FRACTION = 20 / 240  # the paper's warm-up: 20 of 240 epochs
 
 
+@METHODS.register("dkd")
 class DKD(Method):
-    name = "dkd"
     summary = "DKD on x': CE + alpha*T^2*KL(target/non-target) + beta*T^2*KL(non-target classes)"
     teacher_set = "one"
     # The paper's CIFAR-100 setting, alpha=1, beta=8, T=4, lies inside every range.

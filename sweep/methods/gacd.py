@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..models import forward_features
 from ..space import FloatParam, LogFloatParam
-from .base import Method
+from .base import METHODS, Method
 
 
 def _relations(features: torch.Tensor) -> torch.Tensor:
@@ -62,8 +62,8 @@ def relation_infonce(
     return F.cross_entropy(logits, target, reduction="none")
 
 
+@METHODS.register("gacd")
 class GACD(Method):
-    name = "gacd"
     summary = (
         "GACD: CE(S(x')) + lambda * teacher-confidence-weighted InfoNCE between the batch "
         "relations of student features on x' and teacher features on x"

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..space import FloatParam, LogFloatParam
 from .ard import ard_loss
-from .base import TEMPERATURE, Method
+from .base import METHODS, TEMPERATURE, Method
 
 
 def teacher_trust(t_adv_logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -53,8 +53,8 @@ def teacher_trust(t_adv_logits: torch.Tensor, y: torch.Tensor, beta: float) -> t
     return p_true.pow(beta)
 
 
+@METHODS.register("iad")
 class IAD(Method):
-    name = "iad"
     summary = (
         "IAD-I (Zhu 2022): ARD + alpha*(1-p_T(y|x')^beta)*KL(S(x)||S(x')), after an ARD warm-up"
     )

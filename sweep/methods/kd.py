@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import soft_kl
-from .base import ALPHA, TEMPERATURE, Method
+from .base import ALPHA, METHODS, TEMPERATURE, Method
 
 
+@METHODS.register("kd")
 class KD(Method):
-    name = "kd"
     summary = "Hinton KD on x': alpha*T^2*KL(teacher||student) + (1-alpha)*CE"
     teacher_set = "one"
     space = {"temperature": TEMPERATURE, "alpha": ALPHA}

@@ -41,7 +41,7 @@ import torch
 
 from ..losses import soft_kl
 from ..space import FloatParam, LogFloatParam
-from .base import Method
+from .base import METHODS, Method
 
 EXPONENT = 1.0  # b in the rule above ("bert" in the authors' code)
 # fractions of the run after which weight_lr is divided by 10 (215, 260, 285 of 300 epochs)
@@ -59,8 +59,8 @@ def adaptive_weight(
     return w_nat - lr * (w_nat - a / (a + b))
 
 
+@METHODS.register("mtard")
 class MTARD(Method):
-    name = "mtard"
     summary = "MTARD: w_nat*KL(T_clean(x)||S(x)) + w_adv*KL(T_rob(x')||S(x')), adaptive w"
     teacher_set = "clean+robust"
     needs_attack = True

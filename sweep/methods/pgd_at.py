@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method
+from .base import METHODS, Method
 
 
+@METHODS.register("pgd_at")
 class PGDAT(Method):
-    name = "pgd_at"
     summary = "PGD-AT (Madry 2018): CE(S(x'), y), x' maximising the student's CE"
     teacher_set = "none"
     needs_attack = True

@@ -30,21 +30,21 @@ from __future__ import annotations
 
 import torch
 
-from ..attacks import Objective, kl_objective
+from ..attacks import AttackObjective, kl_objective
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import Method
+from .base import METHODS, Method
 
 
+@METHODS.register("rslad")
 class RSLAD(Method):
-    name = "rslad"
     summary = "RSLAD (Zi 2021): w*KL(T(x)||S(x')) + (1-w)*KL(T(x)||S(x)), x' maximising the first"
     teacher_set = "one"
     needs_attack = True
     inner_max = "KL(T(x) || S(x')), the teacher's clean soft labels as target"
     space = {"adv_weight": FloatParam(low=0.5, high=0.95)}
 
-    def inner_objective(self, student, teachers, x, y) -> Objective:
+    def inner_objective(self, student, teachers, x, y) -> AttackObjective:
         # T(x) is computed here once for the batch; loss() gets the same tensor back
         return kl_objective(self.teacher_logits(teachers[0], x))
 

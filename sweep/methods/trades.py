@@ -21,21 +21,21 @@ from __future__ import annotations
 
 import torch
 
-from ..attacks import Objective, eval_mode, kl_objective
+from ..attacks import AttackObjective, eval_mode, kl_objective
 from ..losses import trades_loss
 from ..space import FloatParam
-from .base import Method
+from .base import METHODS, Method
 
 
+@METHODS.register("trades")
 class TRADES(Method):
-    name = "trades"
     summary = "TRADES (Zhang 2019): CE(S(x), y) + beta*KL(S(x)||S(x')), x' maximising that KL"
     teacher_set = "none"
     needs_attack = True
     inner_max = "KL(S(x) || S(x')) of the student, S(x) fixed"
     space = {"beta": FloatParam(low=1.0, high=10.0)}
 
-    def inner_objective(self, student, teachers, x, y) -> Objective:
+    def inner_objective(self, student, teachers, x, y) -> AttackObjective:
         with torch.no_grad(), eval_mode(student):
             clean = student(x)
         return kl_objective(clean)
