@@ -142,9 +142,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def registry_listing() -> dict[str, Any]:
     from .attacks import ATTACKS
     from .data import DATASETS
+    from .evaluate import EVAL_ATTACKS
     from .methods import METHODS
     from .models import MODELS
+    from .spec import AttackRun
     from .teacher_losses import TEACHER_LOSSES
+
+    def option(field: str, doc: str) -> dict[str, Any]:
+        return {"default": AttackRun.model_fields[field].default, "doc": doc}
 
     return {
         "datasets": {
@@ -155,7 +160,18 @@ def registry_listing() -> dict[str, Any]:
         "teacher_losses": {n: t.describe() for n, t in TEACHER_LOSSES.items()},
         "methods": {n: m.describe() for n, m in METHODS.items()},
         "attacks": {
-            n: {"summary": a.summary, "iterative": a.iterative} for n, a in ATTACKS.items()
+            n: {"summary": a.summary, "iterative": a.iterative, "norms": list(a.norms)}
+            for n, a in ATTACKS.items()
+        },
+        # evaluation.attacks only (never a train_attack nor the per-epoch val_attack)
+        "evaluation_attacks": {
+            n: {
+                "summary": a.summary,
+                "norms": list(a.norms),
+                "options": {k: option(k, doc) for k, doc in a.options.items()},
+                "variants": {v: dict(values) for v, values in a.variants.items()},
+            }
+            for n, a in EVAL_ATTACKS.items()
         },
     }
 
@@ -187,6 +203,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                     f"  {'':<16} teachers={info['teachers']} inner_max={info['inner_max']!r} "
                     f"space={info['space']}"
                 )
+            if kind == "evaluation_attacks":
+                for oname, o in info["options"].items():
+                    default = fmt_value(o["default"]) if o["default"] is not None else "null"
+                    print(f"  {'':<16} {oname + '=' + default:<22} {o['doc']}")
+                for vname, values in info["variants"].items():
+                    shown = ", ".join(f"{k}: {v}" for k, v in values.items())
+                    print(f"  {'':<16} {vname:<22} = {{name: {name}, {shown}}}")
     return 0
 
 

@@ -3,12 +3,17 @@
 Robust accuracy counts every example: one misclassified when clean counts as not robust, and
 with restarts an example is robust only if it survives every restart (DESIGN §3.4). Each attack
 maximises its own evaluation objective (cross-entropy for PGD, the CW margin for cw_inf).
+
+`evaluation.attacks` in a sweep file names attacks of two registries: the training attacks
+(`sweep.attacks.ATTACKS`, run here by `accuracy`) and the evaluation-only ones of `EVAL_ATTACKS`
+below (AutoAttack), each of which computes its own metrics.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,47 @@ import torch
 from torch import nn
 
 from .attacks import ATTACKS, attack_view, eval_mode, run_attack
+from .autoattack import NORMS as AUTOATTACK_NORMS
+from .autoattack import VERSIONS as AUTOATTACK_VERSIONS
+from .autoattack import autoattack_eval
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class EvalAttackInfo:
+    """An evaluation-only attack: allowed in `evaluation.attacks`, never as a training attack
+    nor as the per-epoch `evaluation.val_attack` (far too slow for either).
+
+    `evaluate(model, x, y, run, *, eps, norm, batch_size, prefix, state_dir, flags)` returns its
+    metrics (`{prefix}/robust_acc/{run.key}`, ...) for one AttackRun `run`. `options`: the
+    AttackRun fields it reads and what each means for it (`sweep list` adds their defaults).
+    `variants`: the names a sweep file may give for it, each standing for option values
+    (`autoattack_apgd` = {name: autoattack, version: apgd}); a run's metric key starts with the
+    name of the variant it matches.
+    """
+
+    name: str
+    evaluate: Callable[..., dict[str, float]]
+    summary: str
+    norms: tuple[str, ...]
+    options: Mapping[str, str]
+    variants: Mapping[str, Mapping[str, Any]]
+
+    def variant(self, run: Any) -> str:
+        """The variant name `run` (an AttackRun of this attack) matches."""
+        for name, values in self.variants.items():
+            if all(getattr(run, k) == v for k, v in values.items()):
+                return name
+        return self.name
+
+
+EVAL_ATTACKS: Registry[EvalAttackInfo] = Registry("evaluation attack", entry=EvalAttackInfo)
+
+
+def evaluation_attack_names() -> list[str]:
+    """Every attack name `evaluation.attacks` accepts, sorted: the training attacks but `none`,
+    and the evaluation-only ones."""
+    return sorted([n for n in ATTACKS.names() if n != "none"] + EVAL_ATTACKS.names())
 
 
 @torch.no_grad()
@@ -106,6 +152,19 @@ def clean_mask(
         )
 
 
+@EVAL_ATTACKS.register(
+    "autoattack",
+    summary="AutoAttack (Croce & Hein 2020, pyautoattack) on the first `examples` test examples, "
+    "checked against PGD-20 on the same ones",
+    norms=tuple(AUTOATTACK_NORMS),
+    options={
+        "version": "; ".join(f"{v}: {', '.join(a)}" for v, a in AUTOATTACK_VERSIONS.items()),
+        "examples": "the first N test examples (it is expensive); null = all",
+        "eps": "its radius; null = threat.eps",
+        "norm": "linf or l2; null = threat.norm",
+    },
+    variants={"autoattack": {"version": "standard"}, "autoattack_apgd": {"version": "apgd"}},
+)
 def autoattack_metrics(
     model: nn.Module,
     x: torch.Tensor,
@@ -121,8 +180,6 @@ def autoattack_metrics(
 ) -> dict[str, float]:
     """AutoAttack on the first `attack.examples` examples, and PGD-20 on the same ones: AutoAttack
     finding fewer adversarial examples than PGD-20 means something is wrong (flagged)."""
-    from .autoattack import autoattack_eval
-
     n = min(attack.examples or len(x), len(x))
     a_eps = attack.eps if attack.eps is not None else eps
     a_norm = attack.norm or norm
@@ -177,15 +234,16 @@ def evaluate_suite(
     state_dir: Path | None = None,
     flags: list[str] | None = None,
 ) -> dict[str, float]:
-    """`{prefix}/clean_acc` and `{prefix}/robust_acc/<attack key>` for each attack. AutoAttack
-    resumes from `state_dir` when given; its checks' warnings are appended to `flags`."""
+    """`{prefix}/clean_acc` and `{prefix}/robust_acc/<attack key>` for each attack. An
+    evaluation-only attack (EVAL_ATTACKS: AutoAttack) adds its own metrics, resumes from
+    `state_dir` when given and appends its checks' warnings to `flags`."""
     clean = clean_mask(model, x, y, batch_size)
     out = {f"{prefix}/clean_acc": int(clean.sum()) / max(len(x), 1)}  # as `accuracy` counts
-    plain = [a for a in attacks if not getattr(a, "is_autoattack", False)]
+    plain = [a for a in attacks if a.name not in EVAL_ATTACKS]
     surrogate = attack_view(model) if plain else None  # folded once for every attack below
     for a in attacks:
-        if getattr(a, "is_autoattack", False):
-            out |= autoattack_metrics(
+        if a.name in EVAL_ATTACKS:
+            out |= EVAL_ATTACKS.get(a.name).evaluate(
                 model,
                 x,
                 y,
@@ -228,8 +286,8 @@ def sanity_warnings(
         if key not in metrics or clean is None:
             continue
         value, a_eps = metrics[key], a.eps if a.eps is not None else eps
-        if getattr(a, "is_autoattack", False):
-            continue  # on its own subset of examples: checked against PGD-20 on that subset
+        if a.name in EVAL_ATTACKS:
+            continue  # on its own subset of examples, with checks of its own (AutoAttack's)
         if value > clean + 1e-9:
             out.append(f"{a.key}: robust accuracy {value:.4f} is above clean {clean:.4f}")
         if a_eps > 0 and 0 < clean < 1 and abs(value - clean) < 1e-12:

@@ -19,9 +19,10 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from .attacks import ATTACKS
 from .data import DATASETS
+from .evaluate import EVAL_ATTACKS, evaluation_attack_names
 from .methods import METHODS
 from .models import MODELS
-from .space import SearchParam, StrictModel
+from .space import ParamValue, StrictModel
 from .store import URI_SCHEMES, is_remote
 from .teacher_defs import (
     MissingTeacher,
@@ -33,7 +34,6 @@ from .teacher_defs import (
 )
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-AUTOATTACK = "autoattack"  # evaluation only: Croce & Hein's suite through sweep.autoattack
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
 TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
 # Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
@@ -45,14 +45,6 @@ TUNABLE_METRICS = {
 }
 
 
-def _fixed_or_range(v: Any) -> str:
-    return "range" if isinstance(v, dict) else "fixed"
-
-
-ParamValue = Annotated[
-    Annotated[SearchParam, Tag("range")] | Annotated[float | int | bool | str, Tag("fixed")],
-    Discriminator(_fixed_or_range),
-]
 _LOC_TAGS = {"range", "fixed", "float", "log_float", "int", "categorical", "one", "many"}
 
 
@@ -150,8 +142,10 @@ class TrainAttackSpec(StrictModel):
 
 
 class AttackRun(StrictModel):
-    """One attack of the evaluation suite; `pgd20` is shorthand for {name: pgd, steps: 20},
-    `autoattack` for AutoAttack standard and `autoattack_apgd` for its APGD-CE + APGD-T subset."""
+    """One attack of the evaluation suite: a training attack (`sweep.attacks.ATTACKS`) or an
+    evaluation-only one (`sweep.evaluate.EVAL_ATTACKS`). `pgd20` is shorthand for
+    {name: pgd, steps: 20}; an evaluation-only attack's variant names stand for their options
+    (`autoattack` = AutoAttack standard, `autoattack_apgd` = its APGD-CE + APGD-T subset)."""
 
     name: str
     steps: int = Field(10, gt=0)
@@ -169,11 +163,9 @@ class AttackRun(StrictModel):
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
         if isinstance(v, str):
-            if v in ("autoattack", "autoattack_apgd"):
-                return {
-                    "name": "autoattack",
-                    "version": "apgd" if v.endswith("apgd") else "standard",
-                }
+            for name, info in EVAL_ATTACKS.items():
+                if v in info.variants:
+                    return {"name": name, **info.variants[v]}
             m = re.fullmatch(r"([a-z_]+?)(\d+)?", v)
             if not m:
                 raise ValueError(f"{v!r} is not an attack name such as 'fgsm' or 'pgd20'")
@@ -186,17 +178,18 @@ class AttackRun(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        allowed = [n for n in ATTACKS.names() if n != "none"] + [AUTOATTACK]
+        allowed = evaluation_attack_names()
         if v not in allowed:
-            raise ValueError(f"unknown attack {v!r}; allowed: {', '.join(sorted(allowed))}")
+            raise ValueError(f"unknown attack {v!r}; allowed: {', '.join(allowed)}")
         return v
 
     @property
-    def is_autoattack(self) -> bool:
-        return self.name == AUTOATTACK
+    def evaluation_only(self) -> bool:
+        """An attack of EVAL_ATTACKS (AutoAttack): test-set evaluation only."""
+        return self.name in EVAL_ATTACKS
 
     def norms(self) -> tuple[str, ...]:
-        return ("linf", "l2") if self.is_autoattack else ATTACKS.get(self.name).norms
+        return (EVAL_ATTACKS if self.evaluation_only else ATTACKS).get(self.name).norms
 
     @property
     def key(self) -> str:
@@ -204,8 +197,8 @@ class AttackRun(StrictModel):
         `autoattack`, `autoattack_apgd`."""
         if self.label:
             return self.label
-        if self.is_autoattack:
-            key = AUTOATTACK + ("_apgd" if self.version == "apgd" else "")
+        if self.evaluation_only:
+            key = EVAL_ATTACKS.get(self.name).variant(self)
         else:
             key = self.name + (str(self.steps) if ATTACKS.get(self.name).iterative else "")
         key += "_l2" if self.norm == "l2" else ""
@@ -408,10 +401,11 @@ class SweepSpec(StrictModel):
                     f"grid.train_attack: {a!r} has no {norm} version; allowed for {norm}: "
                     f"{', '.join(n for n, i in ATTACKS.items() if norm in i.norms)}"
                 )
-        if self.evaluation.val_attack.is_autoattack:
+        val = self.evaluation.val_attack
+        if val.evaluation_only:
             raise ValueError(
-                "evaluation.val_attack: autoattack is far too slow for a per-epoch check; use "
-                "e.g. pgd10 (autoattack belongs in evaluation.attacks)"
+                f"evaluation.val_attack: {val.name} is far too slow for a per-epoch check; use "
+                f"e.g. pgd10 ({val.name} belongs in evaluation.attacks)"
             )
         runs = [("evaluation.val_attack", self.evaluation.val_attack)] + [
             (f"evaluation.attacks[{i}]", a) for i, a in enumerate(self.evaluation.attacks)
