@@ -7,8 +7,7 @@ import pytest
 from sweep.spec import Cell, parse_spec
 from sweep.teacher_defs import MissingTeacher, TeacherSetsSpec, teacher_set
 from sweep.teacher_losses import TEACHER_LOSSES
-from sweep.teachers import teacher_hash
-from sweep.trial import teacher_identity
+from sweep.teachers import teacher_hash, teacher_identity
 
 
 def _spec(teacher_loss, method=("kd",), **over):
