@@ -86,12 +86,10 @@ def test_sanity_warnings_flag_impossible_numbers():
 
 
 def test_autoattack_in_the_suite_runs_on_its_examples_and_keeps_resumable_state(tmp_path):
-    from conftest import tiny_spec_dict
-    from test_trial import CONFIG
+    from conftest import make_context, runs_of, tiny_spec_dict, trial_config
 
     from sweep.spec import parse_spec
-    from sweep.tracking import Tracker
-    from sweep.trial import SweepContext, run_trial
+    from sweep.trial import run_trial
 
     evaluation = {
         "attacks": ["pgd20", {"name": "autoattack", "version": "apgd", "examples": 24}],
@@ -100,11 +98,9 @@ def test_autoattack_in_the_suite_runs_on_its_examples_and_keeps_resumable_state(
         "test_examples": 100,
     }
     spec = parse_spec(tiny_spec_dict(tmp_path, evaluation=evaluation))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    Tracker(uri, "aa")
-    ctx = SweepContext(spec, str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, "aa", None)
-    run_trial(ctx, CONFIG, lambda m, s: None)
-    (run,) = ctx.tracker().runs("student")
+    ctx = make_context(tmp_path, spec, experiment="aa")
+    run_trial(ctx, trial_config(), lambda m, s: None)
+    (run,) = runs_of(ctx)
     m = run.data.metrics
     assert m["test/examples/autoattack_apgd"] == 24
     assert 0 <= m["test/robust_acc/autoattack_apgd"] <= m["test/clean_acc"]

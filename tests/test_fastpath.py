@@ -434,8 +434,8 @@ def test_dkd_split_by_gather_equals_the_boolean_mask():
 def test_splits_are_loaded_and_moved_once_per_process(tmp_path):
     from conftest import tiny_spec_dict
 
+    from sweep.context import get_splits
     from sweep.spec import parse_spec
-    from sweep.trial import get_splits
 
     spec = parse_spec(tiny_spec_dict(tmp_path))
     a = get_splits(spec, torch.device("cpu"))
@@ -447,11 +447,10 @@ def test_splits_are_loaded_and_moved_once_per_process(tmp_path):
 
 
 def test_a_trial_runs_on_the_fast_path_and_evaluates_in_fp32(tmp_path, monkeypatch):
-    from conftest import tiny_spec_dict
+    from conftest import make_context, runs_of, tiny_spec_dict, trial_config
 
     from sweep import trial
     from sweep.spec import parse_spec
-    from sweep.tracking import Tracker
 
     monkeypatch.setattr(fast, "COMPILE_BACKEND", "eager")
     compiled, scopes = [], []
@@ -475,22 +474,9 @@ def test_a_trial_runs_on_the_fast_path_and_evaluates_in_fp32(tmp_path, monkeypat
         evaluation={"attacks": ["fgsm"], "val_attack": "fgsm", "val_examples": 50},
     )
     spec["evaluation"]["test_examples"] = 50
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    Tracker(uri, "f")
-    ctx = trial.SweepContext(
-        parse_spec(spec), str(tmp_path / "sweep"), str(tmp_path / "teachers"), uri, "f", None
-    )
-    config = {
-        "cell": "ce.kd.pgd",
-        "teacher_loss": "ce",
-        "method": "kd",
-        "train_attack": "pgd",
-        "hp": {"temperature": 2.0, "alpha": 0.5},
-        "seed": 0,
-        "cell_index": 0,
-    }
+    ctx = make_context(tmp_path, parse_spec(spec), experiment="f")
     reports = []
-    trial.run_trial(ctx, config, lambda m, s: reports.append(m))
+    trial.run_trial(ctx, trial_config(), lambda m, s: reports.append(m))
     assert math.isfinite(reports[-1]["train/loss"]) and 0 <= reports[-1]["val/robust_acc"] <= 1
     (student,) = compiled
     assert student._compiled_call_impl is not None
@@ -498,7 +484,7 @@ def test_a_trial_runs_on_the_fast_path_and_evaluates_in_fp32(tmp_path, monkeypat
     fp, models = scopes[-1]  # the student's epoch: student and teacher in bf16
     assert fp.dtype == torch.bfloat16 and models[0] is student and len(models) == 2
     assert models[1].channels_last and not any(p.requires_grad for p in models[1].parameters())
-    (run,) = ctx.tracker().runs("student")
+    (run,) = runs_of(ctx)
     assert run.info.status == "FINISHED"
 
 

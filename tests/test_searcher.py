@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import optuna
-from conftest import tiny_spec_dict
+from conftest import tiny_spec_dict, trial_config
 from ray.tune.search import Searcher
 
+from sweep.search import CellSearcher
 from sweep.spec import parse_spec
-from sweep.tune import CellSearcher
 
 
 def _searcher(tmp_path, **over):
@@ -21,10 +21,10 @@ def test_fills_every_cell_round_robin_then_finishes(tmp_path):
     assert s.suggest("t8") == Searcher.FINISHED
     cells = [c["cell"] for c in configs]
     assert cells[:4] == [c.key for c in spec.cells()] == cells[4:]
-    assert sorted(c["cell_index"] for c in configs) == [0] * 4 + [1] * 4
+    assert sorted(c["number"] for c in configs) == [0] * 4 + [1] * 4
     for c in configs:
         assert 1.0 <= c["hp"]["temperature"] <= 4.0 and 0.2 <= c["hp"]["alpha"] <= 0.8
-        assert c["seed"] == spec.seed + c["cell_index"]
+        assert c["seed"] == spec.seed + c["number"]
 
 
 def test_results_reach_the_owning_study_complete_pruned_or_failed(tmp_path):
@@ -68,7 +68,7 @@ def test_searcher_survives_pickling_without_its_database_handles(tmp_path):
 
 
 def test_sampler_is_tpe_for_one_objective_and_nsga2_for_several(tmp_path):
-    from sweep.tune import make_sampler
+    from sweep.search import make_sampler
 
     one = parse_spec(tiny_spec_dict(tmp_path))
     two = parse_spec(
@@ -105,7 +105,7 @@ def test_after_a_restore_trials_asked_since_the_snapshot_are_handed_out_again_no
     assert [strip(c) for c in handed] == [strip(c) for c in lost]
     rest = [again.suggest(f"m{i}") for i in range(3)]
     assert again.suggest("done") == Searcher.FINISHED
-    keys = [(c["cell"], c["cell_index"]) for c in first + handed + rest]
+    keys = [(c["cell"], c["number"]) for c in first + handed + rest]
     assert len(keys) == len(set(keys)) == 8
 
     for i in range(len(handed + rest)):  # Tune reports every trial, t3 a second time
@@ -119,13 +119,13 @@ def test_after_a_restore_trials_asked_since_the_snapshot_are_handed_out_again_no
         for t in optuna.load_study(study_name=f"tiny/{cell.key}", storage=storage).trials
     ]
     assert len(trials) == 8
-    lost_keys = {(c["cell"], c["cell_index"]) for c in lost}
+    lost_keys = {(c["cell"], c["number"]) for c in lost}
     states = {
         (cell.key, t.number): t
         for cell in spec.cells()
         for t in optuna.load_study(study_name=f"tiny/{cell.key}", storage=storage).trials
     }
-    t3 = states[(lost[0]["cell"], lost[0]["cell_index"])]
+    t3 = states[(lost[0]["cell"], lost[0]["number"])]
     assert t3.value == 0.4  # the verdict told before the kill stands
     assert all(states[k].state != optuna.trial.TrialState.RUNNING for k in lost_keys)
     running = [k for k, t in states.items() if t.state == optuna.trial.TrialState.RUNNING]
@@ -157,7 +157,7 @@ def test_repeats_wait_for_the_cell_then_rerun_its_best_with_new_seeds(tmp_path):
     best = tuned[a1]
     for k, r in enumerate((r1, r2), start=1):
         assert r["cell"] == first and r["repeat"] == k
-        assert r["cell_index"] == best["cell_index"] and r["hp"] == best["hp"]
+        assert r["number"] == best["number"] and r["hp"] == best["hp"]
         assert r["seed"] == spec.seed + spec.budget.trials_per_cell + k - 1
     tuning_seeds = {c["seed"] for c in tuned.values()}
     assert not tuning_seeds & {r1["seed"], r2["seed"]}
@@ -177,7 +177,7 @@ def test_repeats_wait_for_the_cell_then_rerun_its_best_with_new_seeds(tmp_path):
         (c.key, k) for c in rest for k in (1, 2)
     )
     for c in handed:  # ties aside, the higher value wins: index of the 0.3 trial
-        assert tuned[by_cell[c["cell"]][1]]["cell_index"] == c["cell_index"]
+        assert tuned[by_cell[c["cell"]][1]]["number"] == c["number"]
     assert s.suggest("end") == Searcher.FINISHED
 
 
@@ -205,12 +205,25 @@ def test_repeats_handed_out_after_the_snapshot_come_back_with_the_same_identity(
 
 
 def test_a_repeat_has_its_own_checkpoint_folder_inside_its_configuration():
-    from sweep.checkpoints import config_key, trial_key, trial_label
+    from dataclasses import replace
 
-    tuned = {"cell": "mcmi(lambda=0.1).kd.pgd", "cell_index": 3}
-    again = tuned | {"repeat": 2}
-    assert config_key(tuned) == config_key(again) == "mcmi_lambda=0.1_.kd.pgd/3"
-    assert trial_key(tuned) == "mcmi_lambda=0.1_.kd.pgd/3"
-    assert trial_key(again) == "mcmi_lambda=0.1_.kd.pgd/3/repeat-2"
-    assert trial_label(tuned) == "mcmi(lambda=0.1).kd.pgd#3"
-    assert trial_label(again) == "mcmi(lambda=0.1).kd.pgd#3.r2"
+    tuned = trial_config("mcmi(lambda=0.1).kd.pgd", number=3)
+    again = replace(tuned, repeat=2)
+    assert tuned.config_key == again.config_key == "mcmi_lambda=0.1_.kd.pgd/3"
+    assert tuned.key == "mcmi_lambda=0.1_.kd.pgd/3"
+    assert again.key == "mcmi_lambda=0.1_.kd.pgd/3/repeat-2"
+    assert tuned.label == "mcmi(lambda=0.1).kd.pgd#3"
+    assert again.label == "mcmi(lambda=0.1).kd.pgd#3.r2"
+
+
+def test_a_trial_config_is_a_dict_only_at_tunes_boundary(tmp_path):
+    """What the searcher hands Tune comes back as the same TrialConfig; a config Tune stored
+    before `number` was named (`cell_index`) is read with the same identity."""
+    from sweep.config import TrialConfig
+
+    _, s = _searcher(tmp_path)
+    handed = s.suggest("t0")
+    config = TrialConfig.from_dict(handed)
+    assert config.to_dict() == handed and config.trial_id == "t0"
+    old = {k: v for k, v in handed.items() if k != "number"} | {"cell_index": config.number}
+    assert TrialConfig.from_dict(old) == config
