@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import run_attack
 from .checkpoints import FAILED, STOPPED
 from .config import TrialConfig
 from .context import (
@@ -32,13 +31,13 @@ from .context import (
 )
 from .data import Splits
 from .evaluate import sanity_warnings
-from .fast import maybe_compile, to_format, training_forwards
+from .fast import maybe_compile
 from .measure import test_metrics, validation_metrics
 from .methods import METHODS
 from .spec import SweepSpec, dump_spec
 from .teachers import get_teachers
 from .tracking import Tracker
-from .training import Diverged, make_optimization, seed_everything, train_epoch
+from .training import Diverged, TrainAttack, make_optimization, seed_everything, student_epoch
 
 Report = Callable[[dict[str, float], dict[str, Any]], None]  # (metrics, checkpoint state)
 
@@ -225,36 +224,24 @@ def run_trial(
 
     eps = spec.train_attack.eps if spec.train_attack.eps is not None else spec.threat.eps
 
-    def attack(model: nn.Module, x: torch.Tensor, objective: Any) -> torch.Tensor:
-        return run_attack(
-            config.train_attack,
-            model,
-            x,
-            objective,
-            eps=eps,
-            steps=spec.train_attack.steps,
-            step_size=spec.train_attack.step_size,
-            norm=spec.threat.norm,
-        )
-
-    def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = to_format(x, fast)
-        x_adv = method.adversarial(student, teachers, x, y, attack)
-        return method.loss(student, teachers, x, x_adv, y)
+    ta = spec.train_attack
+    attack = TrainAttack(config.train_attack, eps, ta.steps, ta.step_size, spec.threat.norm)
 
     try:
         for epoch in range(start + 1, spec.budget.epochs + 1):
             method.start_epoch(epoch, spec.budget.epochs)
-            with training_forwards(fast, student, *teachers):
-                train_loss = train_epoch(
-                    student,
-                    data,
-                    batch_size=optim["batch_size"],
-                    augmentation=augmentation(spec, data),
-                    step_loss=step_loss,
-                    optimizer=opt,
-                    schedule=sched,
-                )
+            train_loss = student_epoch(
+                method,
+                student,
+                teachers,
+                data,
+                attack=attack,
+                fast=fast,
+                batch_size=optim["batch_size"],
+                augmentation=augmentation(spec, data),
+                optimizer=opt,
+                schedule=sched,
+            )
             metrics = {"train/loss": train_loss, **validation_metrics(spec, student, data)}
             tracker.log_metrics(run_id, metrics, step=epoch, logged=logged)
             if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there

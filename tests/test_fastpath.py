@@ -449,12 +449,12 @@ def test_splits_are_loaded_and_moved_once_per_process(tmp_path):
 def test_a_trial_runs_on_the_fast_path_and_evaluates_in_fp32(tmp_path, monkeypatch):
     from conftest import make_context, runs_of, tiny_spec_dict, trial_config
 
-    from sweep import trial
+    from sweep import training, trial
     from sweep.spec import parse_spec
 
     monkeypatch.setattr(fast, "COMPILE_BACKEND", "eager")
     compiled, scopes = [], []
-    real_compile, real_forwards = trial.maybe_compile, trial.training_forwards
+    real_compile, real_forwards = trial.maybe_compile, training.training_forwards
 
     def spy_compile(model, fp):
         compiled.append(model)
@@ -465,7 +465,8 @@ def test_a_trial_runs_on_the_fast_path_and_evaluates_in_fp32(tmp_path, monkeypat
         return real_forwards(fp, *models)
 
     monkeypatch.setattr(trial, "maybe_compile", spy_compile)
-    monkeypatch.setattr(trial, "training_forwards", spy_forwards)
+    # the student's epoch: sweep.training.student_epoch -> fast_epoch -> training_forwards
+    monkeypatch.setattr(training, "training_forwards", spy_forwards)
     spec = tiny_spec_dict(
         tmp_path,
         compute={"precision": "bf16", "channels_last": "on", "compile": True},
