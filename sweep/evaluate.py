@@ -64,6 +64,11 @@ def evaluation_attack_names() -> list[str]:
     return sorted([n for n in ATTACKS.names() if n != "none"] + EVAL_ATTACKS.names())
 
 
+def _threat(attack: Any, eps: float, norm: str) -> tuple[float, str]:
+    """An attack run's eps and norm: its own where it sets them, else the sweep's threat's."""
+    return (attack.eps if attack.eps is not None else eps), (attack.norm or norm)
+
+
 @torch.no_grad()
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1) == y
@@ -86,8 +91,7 @@ def robust_mask(
     gradients drive the attack, the same function as `model` (see `attack_view`); the verdict
     is always `model`'s."""
     make_objective = ATTACKS.get(attack.name).objective
-    eps = attack.eps if attack.eps is not None else eps
-    norm = attack.norm or norm
+    eps, norm = _threat(attack, eps, norm)
     ok = clean.clone() if clean is not None else _correct(model, x, y)
     for _ in range(attack.restarts):
         idx = ok.nonzero().squeeze(1)
@@ -181,8 +185,7 @@ def autoattack_metrics(
     """AutoAttack on the first `attack.examples` examples, and PGD-20 on the same ones: AutoAttack
     finding fewer adversarial examples than PGD-20 means something is wrong (flagged)."""
     n = min(attack.examples or len(x), len(x))
-    a_eps = attack.eps if attack.eps is not None else eps
-    a_norm = attack.norm or norm
+    a_eps, a_norm = _threat(attack, eps, norm)
     state = state_dir / f"{attack.key}.pt" if state_dir is not None else None
     with eval_mode(model):
         result = autoattack_eval(
