@@ -63,25 +63,20 @@ def sweep_cli(
 
 
 def start_sweep_cli(
-    cwd, *args: str, log: Path | None = None, env: dict[str, str] | None = None
+    cwd, *args: str, log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
-    """`sweep ARGS` in the background, for a test that signals it. Its own session (process
-    group), so it and the Ray processes it starts can be stopped as a whole (stop_group). Its
-    output (stdout and stderr) goes to `log`, or to a pipe (text) that `communicate()` reads."""
-    out = log.open("w") if log is not None else subprocess.PIPE
-    try:
+    """`sweep ARGS` in the background, for a test that watches or signals it, its output
+    (stdout and stderr) going to `log`. Its own session (process group), so that it and the
+    Ray processes it starts can be stopped as a whole (stop_group)."""
+    with log.open("w") as out:  # the child keeps its own copy
         return subprocess.Popen(
             SWEEP + list(args),
             cwd=cwd,
             env=cli_env(env),
             stdout=out,
             stderr=subprocess.STDOUT,
-            text=True,
             start_new_session=True,
         )
-    finally:
-        if log is not None:
-            out.close()  # the child has its own copy
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 0.0) -> None:
