@@ -4,11 +4,10 @@ showing the evaluation-only attacks (AutoAttack and its variants) with their opt
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import typing
 
 import pytest
+from conftest import sweep_cli
 
 from sweep.attacks import ATTACKS
 from sweep.autoattack import VERSIONS
@@ -71,12 +70,7 @@ def test_autoattack_variants_cover_its_versions_and_name_their_metric():
 
 
 def test_sweep_list_json_shows_the_evaluation_attacks_with_their_options(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", "list", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    r = sweep_cli(tmp_path, "list", "--json")
     assert r.returncode == 0, r.stderr
     listing = json.loads(r.stdout)
     aa = listing["evaluation_attacks"]["autoattack"]
@@ -97,9 +91,7 @@ def test_sweep_list_json_shows_the_evaluation_attacks_with_their_options(tmp_pat
 
 
 def test_sweep_list_shows_the_evaluation_attacks_with_their_options(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", "list"], capture_output=True, text=True, cwd=tmp_path
-    )
+    r = sweep_cli(tmp_path, "list")
     assert r.returncode == 0, r.stderr
     section = r.stdout.split("evaluation_attacks:")[1]
     assert "autoattack" in section and "version=standard" in section
