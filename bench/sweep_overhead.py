@@ -6,12 +6,13 @@ What is compared, measured side by side in one run (in a temporary storage folde
   embedded Ray, Tune with CellSearcher (one Optuna study per cell, SQLite) and CellASHA, MLflow
   in SQLite, 2 trials at once with 1 torch thread each (`cpus_per_trial: 1` on 2 cores), and the
   end-of-sweep step that tests the trials ASHA stopped (in the driver: embedded CPU-only Ray,
-  sweep.tune._with_trial_resources). Its figure includes `import
-  ray`/optuna, Ray's start-up (sweep.tune.init_ray, the call `sweep run` makes, timed on its own
-  first; it is then a no-op inside run_sweep) and `ray.shutdown()`.
-- **loop**: exactly the trials the sweep ran, read back from its Tune results (cell, hp, seed,
-  cell index, trial id) and checked against its own per-trial checkpoints, run one after another
-  in this process through `sweep.trial.run_trial` with a `SweepContext` (no Ray, no Optuna). Each
+  sweep.driver._with_trial_resources). Its figure includes `import
+  ray`/optuna, Ray's start-up (sweep.driver.init_ray, the call `sweep run` makes, timed on its
+  own first; it is then a no-op inside run_sweep) and `ray.shutdown()`.
+- **loop**: exactly the trials the sweep ran, read back from its Tune results (each a
+  TrialConfig: cell, hp, seed, Optuna trial number, trial id) and checked against its own
+  per-trial checkpoints, run one after another in this process through `sweep.trial.run_trial`
+  with a `SweepContext` (no Ray, no Optuna). Each
   trial stops at the epoch it reached in the sweep: the report callback raises at that epoch what
   Ray raises there for a trial ASHA stopped (SystemExit, which run_trial does not catch, so its
   MLflow run stays RUNNING), and those trials are then tested from their checkpoints with
@@ -68,10 +69,14 @@ from typing import Any
 
 import torch
 
-from sweep.checkpoints import STOPPED, trial_key
+from sweep.checkpoints import STOPPED
+from sweep.config import TrialConfig
+from sweep.context import SweepContext, get_splits
+from sweep.layout import SweepLayout
 from sweep.spec import load_spec, parse_spec, spec_to_dict
+from sweep.teachers import get_teachers
 from sweep.tracking import Tracker, default_artifact_root, resolve_tracking_uri
-from sweep.trial import SweepContext, finalize_from_state, get_splits, get_teachers, run_trial
+from sweep.trial import finalize_from_state, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
@@ -219,7 +224,7 @@ def run_sweep_cli(file: Path) -> SweepRun:
     import ray
     from ray import tune
 
-    import sweep.tune as st
+    import sweep.driver as sd
     from sweep.cli import main as sweep_main
 
     out = SweepRun()
@@ -227,13 +232,13 @@ def run_sweep_cli(file: Path) -> SweepRun:
     sampler = RayCpu()
     sampler.start()
     t = time.perf_counter()
-    st.init_ray(None)  # what run_sweep does first; then a no-op there
+    sd.init_ray(None)  # what run_sweep does first; then a no-op there
     out.phases["Ray start-up"] = time.perf_counter() - t
     rec: dict[str, Any] = {}
     t = time.perf_counter()
     with (
         timed_attr(tune.Tuner, "fit", rec, "Tuner.fit"),
-        timed_attr(st, "_finalize_early_stopped", rec, "ASHA finalize"),
+        timed_attr(sd, "_finalize_early_stopped", rec, "ASHA finalize"),
     ):
         out.exit_code = sweep_main(["run", str(file)])
     run_s = time.perf_counter() - t
@@ -253,12 +258,9 @@ def run_sweep_cli(file: Path) -> SweepRun:
 
 def warm_teachers(spec: Any, storage: Path, uri: str) -> float:
     """Train every teacher of the sweep into the shared cache before anything is timed."""
-    import sweep.tune as st
-
     t0 = time.perf_counter()
-    ctx = SweepContext(
-        spec, str(storage / "warm"), st.teacher_store(spec), uri, f"{spec.name}-warm", None
-    )
+    warm = parse_spec({**spec_to_dict(spec), "name": f"{spec.name}-warm"})
+    ctx = SweepContext(warm, SweepLayout.of(warm), uri, warm.name, None)  # the same cache
     device = torch.device("cpu")
     get_teachers(ctx, spec.all_teachers(), get_splits(spec, device), device)
     return time.perf_counter() - t0
@@ -268,7 +270,7 @@ def warm_teachers(spec: Any, storage: Path, uri: str) -> float:
 class Trial:
     """One trial as the sweep ran it: its config and the epoch it reached."""
 
-    config: dict[str, Any]
+    config: TrialConfig
     epoch: int
     objective: float
     tune_seconds: float
@@ -285,12 +287,11 @@ def trials_run(spec: Any, sweep_dir: Path, results: list[Any]) -> list[Trial]:
         if r.error is not None:
             raise SystemExit(f"trial {r.config.get('trial_id')} failed in the sweep: {r.error}")
         epoch = int(r.metrics["epoch"])
-        state = ckpts.state(trial_key(r.config))
-        assert state is not None and state["epoch"] == epoch, (r.config, epoch)
-        out.append(
-            Trial(dict(r.config), epoch, float(r.metrics[metric]), r.metrics["time_total_s"])
-        )
-    return sorted(out, key=lambda t: (t.config["cell"], t.config["cell_index"]))
+        config = TrialConfig.from_dict(r.config)
+        state = ckpts.state(config.key)
+        assert state is not None and state["epoch"] == epoch, (config, epoch)
+        out.append(Trial(config, epoch, float(r.metrics[metric]), r.metrics["time_total_s"]))
+    return sorted(out, key=lambda t: (t.config.cell, t.config.number, t.config.repeat))
 
 
 class StopAtEpoch(SystemExit):
@@ -313,8 +314,6 @@ class LoopRun:
 
 def run_loop(spec: Any, storage: Path, uri: str, trials: list[Trial], threads: int) -> LoopRun:
     """The sweep's trials one after another in this process, `threads` torch threads."""
-    import sweep.tune as st
-
     out = LoopRun(threads)
     t0, cpu0, busy0 = time.perf_counter(), _cpu_self(), _machine_busy()
     name = f"{spec.name}-loop-{threads}t"
@@ -323,7 +322,8 @@ def run_loop(spec: Any, storage: Path, uri: str, trials: list[Trial], threads: i
     tracker = Tracker(uri, experiment, default_artifact_root(uri, experiment))
     parent = tracker.start_run(name, tags={"kind": "sweep", "sweep": name})
     tracker.log_artifacts(parent, {"sweep.yaml": (storage / spec.name / "sweep.yaml").read_text()})
-    ctx = SweepContext(lspec, str(storage / name), st.teacher_store(spec), uri, experiment, parent)
+    # the sweep's storage and teacher cache, its own folder `name`
+    ctx = SweepContext(lspec, SweepLayout.of(lspec), uri, experiment, parent)
     metric = spec.objectives[0].metric
     out.setup = time.perf_counter() - t0
     stopped = []
@@ -341,8 +341,7 @@ def run_loop(spec: Any, storage: Path, uri: str, trials: list[Trial], threads: i
         try:
             run_trial(ctx, t.config, report, threads=threads)
         except StopAtEpoch:
-            key = trial_key(t.config)
-            ctx.checkpoints().set_outcome(key, STOPPED, "asha")  # as tune.Progress does
+            ctx.checkpoints().set_outcome(t.config.key, STOPPED, "asha")  # as driver.Progress
             stopped.append(t)
         out.train.append(time.perf_counter() - s)
         assert last["epoch"] == t.epoch, (t.config, last)
@@ -350,7 +349,7 @@ def run_loop(spec: Any, storage: Path, uri: str, trials: list[Trial], threads: i
     s = time.perf_counter()
     torch.set_num_threads(threads)
     for t in stopped:  # as the sweep's end step (there: Ray tasks, 2 at once, 1 thread each)
-        finalize_from_state(ctx, t.config, ctx.checkpoints().state(trial_key(t.config)))
+        finalize_from_state(ctx, t.config, ctx.checkpoints().state(t.config.key))
     out.finalize = time.perf_counter() - s
     tracker.finish(parent)
     out.wall, out.cpu = time.perf_counter() - t0, _cpu_self() - cpu0
@@ -401,13 +400,16 @@ def lap(k):
     global t
     now = time.perf_counter(); out[k] = now - t; t = now
 import torch; lap("import torch")
-import sweep.trial as st; lap("import kdsweep, mlflow")
+import sweep.trial; lap("import kdsweep, mlflow")
 from ray import tune; lap("import ray.tune")
-from sweep.status import open_sweep
-_, state, spec = open_sweep(sys.argv[1], sys.argv[2])
+from sweep.context import get_splits
+from sweep.layout import open_sweep
+from sweep.tracking import Tracker
+opened = open_sweep(sys.argv[1], sys.argv[2])
+state, spec = opened.state, opened.spec
 torch.set_num_threads(1)
-st.get_splits(spec, torch.device("cpu")); lap("dataset (%s)" % spec.dataset.name)
-st.Tracker(state["mlflow_tracking_uri"], state["experiment"]); lap("MLflow store and experiment")
+get_splits(spec, torch.device("cpu")); lap("dataset (%s)" % spec.dataset.name)
+Tracker(state["mlflow_tracking_uri"], state["experiment"]); lap("MLflow store and experiment")
 print(json.dumps(out))
 """
 
@@ -511,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
             f"load average (1 min) {os.getloadavg()[0]:.2f}"
         )
         t = time.perf_counter()
-        import sweep.tune  # noqa: F401  (ray, optuna: only the sweep needs them)
+        import sweep.driver  # noqa: F401  (ray, optuna: only the sweep needs them)
 
         import_s = time.perf_counter() - t
         with redirected(log, quiet):
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         with redirected(log, quiet):
             sw = run_sweep_cli(Path(args.file))
         total = time.perf_counter() - t + import_s
-        sw.phases = {"import ray, optuna (sweep.tune)": import_s, **sw.phases}
+        sw.phases = {"import ray, optuna (sweep.driver)": import_s, **sw.phases}
         if sw.exit_code != 0:
             raise SystemExit(f"sweep run exited with {sw.exit_code}; see {log}")
         trials = trials_run(spec, storage / spec.name, sw.results)

@@ -1,8 +1,8 @@
 """Shared test helpers and fixtures. Ray stays on loopback (DESIGN §3.8).
 
 - `tiny_spec_dict(tmp_path, **over)`: a sweep file small enough for a test.
-- `make_context(tmp_path, ...)` and `trial_config(...)`: one trial in plain Python (no Ray),
-  against a real MLflow SQLite store.
+- `make_context(tmp_path, ...)`, `trial_config(...)` and `runs_of(ctx, kind)`: one trial in
+  plain Python (no Ray) against a real MLflow SQLite store, and the runs it left there.
 - `sweep_cli(cwd, *args)`: the `sweep` command run to its end; `start_sweep_cli(...)`: the same
   in the background, to be signalled (`stop_group`), with `wait_until` to watch it.
 """
