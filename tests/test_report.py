@@ -9,8 +9,6 @@ finished sweep and undone afterwards.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,11 +23,14 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import sweep_cli, tiny_spec_dict
+from conftest import start_sweep_cli, stop_group, sweep_cli, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
+from sweep.layout import SweepLayout, open_sweep, study_name
+from sweep.progress import cell_trials
 from sweep.report import best_configs, pareto_front, write_report
-from sweep.status import study_name
+from sweep.search import CellSearcher
+from sweep.spec import parse_spec
 
 pytestmark = pytest.mark.integration
 
@@ -80,17 +81,8 @@ def _start_sweep(tmp_path: Path, name: str, grid: dict, **over: object) -> subpr
     )
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    with open(tmp_path / f"{name}.log", "w") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sweep.cli", "run", f"{name}.yaml"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # stopped with its Ray processes if the test gives up
-        )
+    # its own session: stopped with its Ray processes if the test gives up
+    return start_sweep_cli(tmp_path, "run", f"{name}.yaml", log=tmp_path / f"{name}.log")
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> None:
@@ -242,9 +234,7 @@ def test_parent_run_holds_the_report_and_nothing_else_changed(finished):
 def test_best_is_chosen_on_validation_and_repeats_average(finished):
     """On the real table: a test number never moves the choice, a validation number does, and
     the runs of one configuration (a trial and its seed repeats) give mean ± std over n."""
-    from sweep.status import open_sweep
-
-    _, _, spec = open_sweep("rep", finished.storage)
+    spec = open_sweep("rep", finished.storage).spec
     df = pd.read_parquet(finished.out / "trials.parquet")
     cell = df[df["cell"] == "ce.kd.none"].copy()
     val_best = cell.loc[cell["val/robust_acc"].idxmax(), "run_id"]
@@ -268,12 +258,20 @@ def test_best_is_chosen_on_validation_and_repeats_average(finished):
     assert b.std["test/clean_acc"] == pytest.approx(pd.Series([1.0, 0.5]).std())
 
 
-def test_pareto_front_and_study_names():
-    from sweep.tune import study_name as tune_study_name
-
+def test_pareto_front_and_study_names(tmp_path):
     pts = [(1.0, 3.0), (2.0, 2.0), (1.5, 1.0), (3.0, 0.0), (2.0, 1.5)]
     assert pareto_front(pts) == [(1.0, 3.0), (2.0, 2.0), (3.0, 0.0)]
-    assert tune_study_name is study_name  # one definition: the searcher names, the report reads
+    # one definition (layout.study_name): the searcher names a cell's study by it, and the
+    # readers (report and status, through progress.cell_trials) find the study by it
+    spec = parse_spec(tiny_spec_dict(tmp_path))
+    layout = SweepLayout.of(spec)
+    Path(layout.sweep).mkdir(parents=True)
+    searcher = CellSearcher(spec, layout.optuna_url)
+    handed = searcher.suggest("t0")
+    cell = handed["cell"]
+    assert searcher.study(cell).study_name == layout.study_name(cell) == study_name("tiny", cell)
+    read = cell_trials(spec, layout, create=False)
+    assert list(read) == [cell] and [t.number for t in read[cell]] == [handed["number"]]
 
 
 def test_missing_sweep_is_a_clear_error(tmp_path):
@@ -375,18 +373,6 @@ def _start_server(tmp: Path, port: int) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started in its own group, and everything it started."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     """Both tiny sweeps: `rep` on a SQLite store in `local/`, then `srv` (kd with a ce teacher,
@@ -411,7 +397,7 @@ def sweeps(tmp_path_factory):
         yield SimpleNamespace(local=local, server=server)
     finally:
         for proc in reversed(started):  # sweeps left running by a failure, then the server
-            _stop(proc)
+            stop_group(proc, grace=30)
 
 
 @pytest.fixture(scope="module")
