@@ -12,22 +12,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import optuna
-import pytest
 import torch
 import yaml
-from conftest import tiny_spec_dict
+from conftest import start_sweep_cli, stop_group, sweep_cli, tiny_spec_dict, wait_until
 
+from sweep.config import TrialConfig
 from sweep.tracking import Tracker
 
 EPOCHS = 4
-SWEEP_CLI = [sys.executable, "-m", "sweep.cli"]
 
 
 def _spec(tmp_path: Path, name: str, **over) -> Path:
@@ -49,39 +45,6 @@ def _spec(tmp_path: Path, name: str, **over) -> Path:
     return path
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        SWEEP_CLI + args,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: killable as a whole afterwards
-        env=env,
-    )
-
-
-def _cleanup(proc: subprocess.Popen) -> None:
-    """What a preempted machine does to what is left of a killed driver's Ray processes."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def _wait_for(what, condition, proc: subprocess.Popen, log: Path, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"sweep exited ({proc.returncode}) before {what}:\n{log.read_text()}")
-        time.sleep(0.25)
-    _cleanup(proc)
-    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
-
-
 class Books:
     """Read-only views of one sweep's Tune, Optuna, MLflow and checkpoint records."""
 
@@ -99,8 +62,7 @@ class Books:
         tracker = self.tracker()
         if tracker is None:
             return []
-        runs = [r for r in tracker.runs("student") if r.data.tags.get("sweep") == self.name]
-        return [r for r in runs if status is None or r.info.status == status]
+        return tracker.sweep_runs(self.name, "student", status=status)
 
     def epoch(self, key: str) -> int:
         path = self.dir / "trials" / key / "state.pt"
@@ -150,7 +112,7 @@ def _check_complete(books: Books, total: int) -> None:
     tune_trials = books.tune_trials()
     assert len(tune_trials) == total
     assert Counter(t["status"] for t in tune_trials) == {"TERMINATED": total}
-    keys = Counter(f"{t['config']['cell']}/{t['config']['cell_index']}" for t in tune_trials)
+    keys = Counter(TrialConfig.from_dict(t["config"]).config_key for t in tune_trials)
     assert all(n == 1 for n in keys.values()), keys  # no trial handed out twice
 
     runs = books.runs()
@@ -169,7 +131,7 @@ def _check_complete(books: Books, total: int) -> None:
             assert len(steps) == len(set(steps)), (r.info.run_name, metric, sorted(steps))
         history = client.get_metric_history(r.info.run_id, "val/clean_acc")
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
-    parent = [r for r in books.tracker().runs("sweep") if r.data.tags.get("sweep") == books.name]
+    parent = books.tracker().sweep_runs(books.name, "sweep")
     assert [p.info.status for p in parent] == ["FINISHED"]
 
 
@@ -177,9 +139,9 @@ def _kill_and_resume(tmp_path: Path, name: str) -> None:
     spec = _spec(tmp_path, name)
     books = Books(tmp_path, name)
     log = tmp_path / "run.log"
-    proc = _start(["run", str(spec)], log)
+    proc = start_sweep_cli(tmp_path, "run", str(spec), log=log)
     try:
-        _wait_for(
+        wait_until(
             "one trial finished and another mid-way",
             lambda: books.runs("FINISHED") and books.in_progress(),
             proc,
@@ -190,16 +152,18 @@ def _kill_and_resume(tmp_path: Path, name: str) -> None:
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a lost head node would
         rc = proc.wait(timeout=120)
     finally:
-        _cleanup(proc)
+        stop_group(proc)  # what a preempted machine does to the rest of its Ray processes
     assert rc == -signal.SIGKILL, log.read_text()[-3000:]
     assert len(books.runs()) < 4  # it really was stopped before the end
 
     log2 = tmp_path / "resume.log"
-    resumed = _start(["resume", name, "--storage", str(tmp_path / "sweeps")], log2)
+    resumed = start_sweep_cli(
+        tmp_path, "resume", name, "--storage", str(tmp_path / "sweeps"), log=log2
+    )
     try:
         assert resumed.wait(timeout=600) == 0, log2.read_text()[-5000:]
     finally:
-        _cleanup(resumed)
+        stop_group(resumed)
     out2 = log2.read_text()
     _check_complete(books, total=4)
     # finished trials were not trained again: their checkpoints untouched, their runs the same
@@ -230,13 +194,13 @@ def test_a_killed_worker_continues_from_its_checkpoint_in_the_same_run(tmp_path)
     spec = _spec(tmp_path, "worker")
     books = Books(tmp_path, "worker")
     log = tmp_path / "run.log"
-    proc = _start(["run", str(spec)], log)
+    proc = start_sweep_cli(tmp_path, "run", str(spec), log=log)
     try:
-        run_id, pid = _wait_for("a trial mid-way", lambda: _trial_pid(books), proc, log)
+        run_id, pid = wait_until("a trial mid-way", lambda: _trial_pid(books), proc, log)
         os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
     finally:
-        _cleanup(proc)
+        stop_group(proc)
     out = log.read_text()
     _check_complete(books, total=4)
     run = books.tracker().client.get_run(run_id)
@@ -254,10 +218,7 @@ def test_a_trial_that_diverges_fails_with_reason_diverged_and_the_others_finish(
         method_search_space={"ce": {"lr": 1.0e30}},  # the loss becomes inf / NaN at once
         budget={"trials_per_cell": 2, "epochs": 2, "grace_period": 2},
     )
-    log = tmp_path / "run.log"
-    proc = subprocess.run(
-        SWEEP_CLI + ["run", str(spec)], capture_output=True, text=True, timeout=600
-    )
+    proc = sweep_cli(tmp_path, "run", str(spec))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     books = Books(tmp_path, "nan")
     runs = books.runs()
@@ -272,4 +233,3 @@ def test_a_trial_that_diverges_fails_with_reason_diverged_and_the_others_finish(
     statuses = Counter(t["status"] for t in books.tune_trials())
     assert statuses == {"TERMINATED": 2, "ERROR": 2}
     assert "sweep nan finished: 4 trials, 2 failed" in proc.stdout
-    del log
