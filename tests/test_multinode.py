@@ -7,9 +7,6 @@ separate processes on loopback (DESIGN §3.8); the sweep joins it by address, li
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,12 +14,12 @@ import optuna
 import pytest
 import ray
 import yaml
-from conftest import tiny_spec_dict
+from conftest import sweep_cli, tiny_spec_dict
 from ray.cluster_utils import Cluster
 
+from sweep.driver import run_sweep
 from sweep.spec import parse_spec
 from sweep.tracking import Tracker
-from sweep.tune import run_sweep
 
 EPOCHS = 4
 
@@ -41,8 +38,8 @@ def two_nodes():
     cluster.shutdown()
 
 
-def _student_runs(tracker: Tracker) -> list:
-    return tracker.runs("student")
+def _student_runs(tracker: Tracker, sweep: str = "twonodes") -> list:
+    return tracker.sweep_runs(sweep, "student")
 
 
 def _stop_worker_node_mid_trial(cluster, worker, spec, tracker_uri, seen: dict) -> None:
@@ -51,7 +48,7 @@ def _stop_worker_node_mid_trial(cluster, worker, spec, tracker_uri, seen: dict) 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            runs = _student_runs(Tracker(tracker_uri, spec.name))
+            runs = _student_runs(Tracker(tracker_uri, spec.name), spec.name)
         except Exception:  # the experiment does not exist yet
             runs = []
         nodes = {x.data.tags.get("ray_node_id") for x in runs} - {None}
@@ -114,13 +111,7 @@ def test_asking_for_more_gpus_than_any_node_has_is_refused_before_anything_start
     data = tiny_spec_dict(tmp_path, name="greedy", resources={"gpus_per_trial": 1})
     path = tmp_path / "greedy.yaml"
     path.write_text(yaml.safe_dump(data))
-    r = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", "run", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
+    r = sweep_cli(tmp_path, "run", str(path), env={"CUDA_VISIBLE_DEVICES": ""}, timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "resources.gpus_per_trial is 1 but no node has more than 0 GPUs" in r.stderr
     assert "CUDA_VISIBLE_DEVICES=''" in r.stderr
