@@ -13,14 +13,12 @@ from __future__ import annotations
 import ast
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import tiny_spec_dict
+from conftest import sweep_cli, tiny_spec_dict
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -109,23 +107,7 @@ def store(tmp_path_factory):
     )
     spec["storage"]["mlflow_tracking_uri"] = "sqlite:///mlflow.db"  # as the README's snippet
     (tmp / "quickstart.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    for var in (
-        "RAY_ADDRESS",
-        "MLFLOW_TRACKING_URI",
-        "KDSWEEP_STORAGE",
-        "KDSWEEP_TEACHERS",
-        "KDSWEEP_OPTUNA",
-    ):
-        env.pop(var, None)  # they would override the file's storage
-    r = subprocess.run(
-        [sys.executable, "-m", "sweep.cli", "run", "quickstart.yaml"],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = sweep_cli(tmp, "run", "quickstart.yaml")  # storage from the file: no KDSWEEP_* there
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("quickstart").experiment_id
