@@ -170,10 +170,10 @@ def run_trial(
     threads: int | None = None,
     where: dict[str, str] | None = None,
 ) -> None:
-    """Train one student, or continue it from its checkpoint. `config` holds the cell
-    (teacher_loss, method, train_attack), `hp` (tuned values), `seed`, `trial_id` and
-    `cell_index`. Every epoch: log to MLflow, checkpoint, then report (see checkpoints.py).
-    `where`: extra run tags saying where it runs (the Ray node, from tune.py)."""
+    """Train one student, or continue it from its checkpoint. `config` says what the trial is
+    (its cell, hyperparameters, seed, number, repeat). Every epoch: log to MLflow, checkpoint,
+    then report (see checkpoints.py). `where`: extra run tags saying where it runs (the Ray
+    node, from the driver)."""
     spec = ctx.spec
     key = config.key
     checkpoints = ctx.checkpoints()
