@@ -23,7 +23,14 @@ from ray.tune.search import Searcher
 from . import selection
 from .config import TrialConfig
 from .layout import SweepLayout
-from .space import is_searched
+from .space import (
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    LogFloatParam,
+    SearchParam,
+    is_searched,
+)
 from .spec import Cell, SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -40,6 +47,20 @@ def make_sampler(spec: SweepSpec, cell_position: int) -> optuna.samplers.BaseSam
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.optuna.n_startup_trials)
+
+
+def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution of a search-space range of the sweep file."""
+    d = optuna.distributions
+    if isinstance(p, FloatParam):
+        return d.FloatDistribution(p.low, p.high)
+    if isinstance(p, LogFloatParam):
+        return d.FloatDistribution(p.low, p.high, log=True)
+    if isinstance(p, IntParam):
+        return d.IntDistribution(p.low, p.high, log=p.log)
+    if isinstance(p, CategoricalParam):
+        return d.CategoricalDistribution(p.choices)
+    raise TypeError(f"not a search-space range: {p!r}")
 
 
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
@@ -136,7 +157,7 @@ class CellSearcher(Searcher):
             if len(self.handed[cell.key]) < budget:
                 self.next_cell = (self.next_cell + i + 1) % n
                 space = self.spec.cell_space(cell.method)
-                dists = {k: v.distribution() for k, v in space.items() if is_searched(v)}
+                dists = {k: distribution(v) for k, v in space.items() if is_searched(v)}
                 ot = self.study(cell.key).ask(dists)
                 return self._handout(trial_id, cell, ot.number, ot.params)
         return self._suggest_repeat(trial_id)

@@ -1,18 +1,15 @@
-"""Search-space parameters: the four kinds a sweep file may use, and their Optuna distributions.
+"""Search-space parameters: the four kinds a sweep file may use.
 
 Why a module of its own: methods declare their default ranges with these types, and the sweep
-file's schema (spec.py) validates user overrides with the same types. Optuna is imported only by
-`distribution()`, which the searcher calls: a method declaring its space does not import it.
+file's schema (spec.py) validates user overrides with the same types. Their Optuna
+distributions are made by the searcher (search.distribution): no Optuna import here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
-
-if TYPE_CHECKING:
-    import optuna.distributions as od
 
 
 class StrictModel(BaseModel):
@@ -54,11 +51,6 @@ class _Range(StrictModel):
 class FloatParam(_Range):
     type: Literal["float"] = "float"
 
-    def distribution(self) -> od.BaseDistribution:
-        import optuna.distributions as od
-
-        return od.FloatDistribution(self.low, self.high)
-
 
 class LogFloatParam(_Range):
     type: Literal["log_float"] = "log_float"
@@ -68,11 +60,6 @@ class LogFloatParam(_Range):
         if self.low <= 0:
             raise ValueError(f"a log range must have low > 0 (got low={self.low})")
         return self
-
-    def distribution(self) -> od.BaseDistribution:
-        import optuna.distributions as od
-
-        return od.FloatDistribution(self.low, self.high, log=True)
 
 
 class IntParam(StrictModel):
@@ -89,20 +76,10 @@ class IntParam(StrictModel):
             raise ValueError(f"a log range must have low > 0 (got low={self.low})")
         return self
 
-    def distribution(self) -> od.BaseDistribution:
-        import optuna.distributions as od
-
-        return od.IntDistribution(self.low, self.high, log=self.log)
-
 
 class CategoricalParam(StrictModel):
     type: Literal["categorical"] = "categorical"
     choices: list[float | int | str | bool] = Field(min_length=1)
-
-    def distribution(self) -> od.BaseDistribution:
-        import optuna.distributions as od
-
-        return od.CategoricalDistribution(self.choices)
 
 
 SearchParam = Annotated[
