@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,15 @@ from ray import tune
 
 from .checkpoints import FAILED, STOPPED
 from .config import TrialConfig
+from .console import DONE, SweepConsole, duration, is_terminal
+from .console import FAILED as TRIAL_FAILED
+from .console import STOPPED as TRIAL_STOPPED
 from .context import SweepContext, get_splits, pick_device
 from .layout import SweepLayout, open_sweep
 from .progress import sweep_progress
 from .search import CellASHA, CellSearcher
 from .spec import SweepSpec, dump_spec
+from .status import cell_status, status_table
 from .store import is_remote
 from .teachers import get_teacher
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
@@ -53,53 +59,132 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
 
 
 class Progress(tune.Callback):
-    """One line per finished trial, and the bookkeeping Tune's own events call for: a trial
-    ASHA stopped is marked so a restart does not train it on; a trial that failed for good
-    (retries spent, worker lost) has its MLflow run ended FAILED with the reason."""
+    """Tune's events, for the progress display (console.py) and for the bookkeeping they call
+    for: a trial ASHA stopped is marked so a restart does not train it on; a trial that failed
+    for good (retries spent, worker lost) has its MLflow run ended FAILED with the reason."""
 
-    def __init__(self, ctx: SweepContext, total: int, done: int = 0) -> None:
-        self.ctx, self.spec = ctx, ctx.spec
-        self.total, self.done, self.t0 = total, done, time.time()
+    def __init__(self, ctx: SweepContext, console: SweepConsole) -> None:
+        self.ctx, self.spec, self.console = ctx, ctx.spec, console
+        self._cell: dict[str, str] = {}  # Tune trial id -> its cell
 
-    def _line(self, trial: Any, what: str) -> None:
-        self.done += 1
-        c, r = trial.config, trial.last_result or {}
-        label = TrialConfig.from_dict(c).label if c else trial.trial_id
-        metric = self.spec.objectives[0].metric
-        val = r.get(metric)
-        shown = f"{metric}={val:.4f}" if isinstance(val, float) else "no result"
-        print(
-            f"[{self.done}/{self.total} trials, {time.time() - self.t0:.0f}s] "
-            f"{label} {what}: {shown} "
-            f"(epoch {r.get('epoch', 0)}/{self.spec.budget.epochs})",
-            flush=True,
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the run config, callbacks included, with the experiment; the display
+        # holds this terminal, and a resumed sweep brings its own (resume_sweep)
+        return {**self.__dict__, "console": None}
+
+    def _config(self, trial: Any) -> TrialConfig | None:
+        return TrialConfig.from_dict(trial.config) if trial.config else None
+
+    def _running(self, trials: list) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in trials:
+            if t.status != "RUNNING":
+                continue
+            if t.trial_id not in self._cell:
+                c = self._config(t)
+                self._cell[t.trial_id] = c.cell if c else ""
+            cell = self._cell[t.trial_id]
+            out[cell] = out.get(cell, 0) + 1
+        return out
+
+    def _ended(self, trial: Any, outcome: str, reason: str = "") -> None:
+        c, r = self._config(trial), trial.last_result or {}
+        val = r.get(self.spec.objectives[0].metric)
+        self.console.trial_ended(
+            trial.trial_id,
+            c.cell if c else "",
+            c.label if c else trial.trial_id,
+            outcome,
+            value=val if isinstance(val, float) else None,
+            epoch=int(r.get("epoch", 0)),
+            config=c.config_key if c else None,
+            number=c.number if c else None,
+            repeat=c.repeat if c else 0,
+            reason=reason,
         )
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        running = self._running(trials)
+        if trial.status != "RUNNING":  # Tune calls this just before it says so
+            c = self._config(trial)
+            cell = c.cell if c else ""
+            running[cell] = running.get(cell, 0) + 1
+        self.console.running_now(running)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.console.tick(lambda: self._running(trials))
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self.console.trial_progress(trial.trial_id, int(result.get("epoch", 0)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epoch = (trial.last_result or {}).get("epoch", 0)
         if epoch < self.spec.budget.epochs:
             key = TrialConfig.from_dict(trial.config).key
             self.ctx.checkpoints().set_outcome(key, STOPPED, "asha")
-        self._line(trial, "done" if epoch >= self.spec.budget.epochs else "stopped by ASHA")
+        self._ended(trial, DONE if epoch >= self.spec.budget.epochs else TRIAL_STOPPED)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         c = TrialConfig.from_dict(trial.config)
         outcome = self.ctx.checkpoints().outcome(c.key)
         if outcome and outcome["status"] == FAILED:  # the restart only re-raises the reason
             return
-        print(
+        reason = _error_line(_error_text(trial))
+        self.console.note(
             f"{c.label} failed, retrying from its checkpoint "
-            f"({trial.num_failures}/{self.spec.resources.max_failures})",
-            flush=True,
+            f"({trial.num_failures}/{self.spec.resources.max_failures})"
+            + (f": {reason}" if reason else "")
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        detail = _error_text(trial)
         run_id = self.ctx.checkpoints().run_id(TrialConfig.from_dict(trial.config).key)
         if run_id:  # the trial ends its run itself when it can; a killed worker cannot
             tracker = self.ctx.tracker()
             if tracker.status(run_id) == "RUNNING":
-                tracker.fail(run_id, "worker_lost", str(getattr(trial, "error_msg", "")))
-        self._line(trial, "FAILED")
+                tracker.fail(run_id, "worker_lost", detail[-5000:])
+        # the traceback is in Tune's error file and on the MLflow run (failure_detail), not on
+        # the console (TUNE_PRINT_ALL_TRIAL_ERRORS=0): say where
+        where = _error_file(self.ctx, trial)
+        reason = _error_line(detail) or "no error recorded"
+        self._ended(trial, TRIAL_FAILED, reason + (f" (traceback: {where})" if where else ""))
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours the task's name in a RayTaskError
+
+
+def _error_text(trial: Any) -> str:
+    """What Tune recorded of a trial's last failure, without colour codes, or ''. Read from
+    the error file Tune has just written on this machine (its copy in the sweep's storage is
+    synced later)."""
+    try:
+        path = trial.error_file
+        if path and os.path.exists(path):
+            text = Path(path).read_text(errors="replace").rsplit("Failure # ", 1)[-1]
+        else:
+            error = trial.get_error()
+            text = str(error) if error is not None else ""
+    except Exception:  # a display detail: never let it break the bookkeeping
+        return ""
+    return ANSI.sub("", text)
+
+
+def _error_file(ctx: SweepContext, trial: Any) -> str:
+    """Where the trial's error file is kept, short: Tune's trial folder names hold the whole
+    configuration, so a pattern that names one folder."""
+    if not trial.path:
+        return ""
+    name, short = Path(trial.path).name, str(trial)
+    folder = f"{short}_*" if name.startswith(f"{short}_") else name
+    return f"{ctx.layout.tune}/{folder}/error.txt"
+
+
+def _error_line(text: str) -> str:
+    """The line that names an error: the last non-blank one (`ValueError: ...`), shortened."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -107,6 +192,7 @@ def init_ray(address: str | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS); else start an embedded Ray on loopback.
     True when Ray is embedded (this machine is all there is)."""
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet_console(embedded=not address)
     if ray.is_initialized():
         return not address
     if address:
@@ -115,6 +201,59 @@ def init_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback (DESIGN §3.8)
     ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     return True
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_console(embedded: bool) -> None:
+    """Keep off the console what Ray and MLflow print that does not apply to a sweep; the
+    progress display (console.py) is what a user watches. Settings a user made win.
+
+    - Tune's output engine prints its configuration box ("Search algorithm SearchGenerator")
+      and a TensorBoard hint whatever RunConfig(verbose=...) says; RAY_AIR_NEW_OUTPUT=0 selects
+      its other engine, silent at verbose=0 (ray/tune/experimental/output.py, tune/tune.py).
+    - TUNE_PRINT_ALL_TRIAL_ERRORS=0: Tune logs each failed attempt of a trial with its whole
+      traceback (in colour); the display says which trial failed and why in one line, and
+      where the traceback is: Tune's error file, and the MLflow run (failure_detail).
+      Tune's closing "Trials did not complete: [<Tune ids>]" goes too: the counts say it.
+    - On Ctrl-C, Tune's "Resume experiment with: Tuner.restore(...)" (the driver says how:
+      `sweep resume`), and its complaint that trials interrupted before their first report
+      have no metrics files (ray/tune/tune.py, ray/tune/analysis/experiment_analysis.py).
+    - RAY_COLOR_PREFIX=0: the `(trainable pid=...)` prefix of the worker lines Ray forwards,
+      without colour codes when the output is not a terminal (ray/_private/worker.py).
+    - An embedded Ray (a new local cluster) announces that token authentication is on, its
+      default; it stays on, unannounced (ray/_private/authentication/).
+    - MLflow's INFO lines about creating its SQLite tables.
+    Worker lines stay forwarded (log_to_driver): a trial's warnings and errors reach the user.
+    """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    if not is_terminal(sys.stdout):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    drop = [
+        ("ray.tune.tune", "Trials did not complete"),  # Tune's ids of the failed trials
+        ("ray.tune.tune", "Experiment has been interrupted"),  # "Tuner.restore(...)"
+        ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for"),
+    ]
+    if embedded:
+        drop.append(
+            (
+                "ray._private.authentication.authentication_token_setup",
+                "Token authentication is enabled for this Ray cluster",
+            )
+        )
+    for name, start in drop:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 class NotEnoughResources(Exception):
@@ -214,7 +353,9 @@ def _train_teachers_first(ctx: SweepContext, embedded: bool) -> None:
     teachers = spec.all_teachers()
     if not teachers or not is_remote(ctx.layout.teachers):
         return
-    print(f"teachers: {len(teachers)} in {ctx.layout.teachers}, training the missing ones", flush=True)
+    print(
+        f"teachers: {len(teachers)} in {ctx.layout.teachers}, training the missing ones", flush=True
+    )
 
     def train(t: Any) -> str:
         device = pick_device(spec)
@@ -292,7 +433,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     _train_teachers_first(ctx, embedded)
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
-    run_config.callbacks = [Progress(ctx, total)]
+    console = _console(spec, total)
+    run_config.callbacks = [Progress(ctx, console)]
     tuner = tune.Tuner(
         trainable_,
         tune_config=tune.TuneConfig(
@@ -304,7 +446,17 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         ),
         run_config=run_config,
     )
-    return _fit(ctx, tuner, embedded)
+    return _fit(ctx, tuner, embedded, console)
+
+
+def _console(spec: SweepSpec, total: int) -> SweepConsole:
+    return SweepConsole(
+        [c.key for c in spec.cells()],
+        per_cell=spec.budget.trials_per_cell + spec.repeats,
+        total=total,
+        objective=spec.objectives[0],
+        epochs=spec.budget.epochs,
+    )
 
 
 def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | None = None) -> bool:
@@ -320,9 +472,7 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
             f"before its first trial was scheduled: delete {layout.sweep} and run it again"
         )
     uri = state["mlflow_tracking_uri"]
-    ctx = SweepContext(
-        spec, layout, uri, state["experiment"], state["parent_run_id"]
-    )
+    ctx = SweepContext(spec, layout, uri, state["experiment"], state["parent_run_id"])
     tracker = ctx.tracker()
     tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total = spec.tuning_trials() + len(spec.cells()) * spec.repeats
@@ -344,9 +494,18 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
         resume_errored=True,
         restart_errored=False,
     )
-    # the pickled run config holds the first run's Progress (its clock and counts): replace it
-    tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, total, done)]
-    return _fit(ctx, tuner, embedded)
+    console = _console(spec, total)
+    for c in cell_status(spec, layout, tracker):  # what ended before, as `sweep status` counts
+        console.seed(
+            c.cell,
+            done=c.done + c.repeats_finished,
+            stopped=c.stopped,
+            failed=c.failed + c.repeats_failed,
+            candidates=c.candidates,
+        )
+    # the pickled run config holds the first run's Progress, without a display: replace it
+    tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, console)]
+    return _fit(ctx, tuner, embedded, console)
 
 
 def _trial_slots(spec: SweepSpec) -> int:
@@ -360,9 +519,10 @@ def _trial_slots(spec: SweepSpec) -> int:
     return max(1, slots)
 
 
-def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool) -> bool:
-    """Run (or continue) the experiment; end the parent run, or on an interruption leave
-    nothing looking RUNNING and say how to go on."""
+def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool, console: SweepConsole) -> bool:
+    """Run (or continue) the experiment under the progress display; end the parent run, or on
+    an interruption leave nothing looking RUNNING and say how to go on. Ends with the
+    best-per-cell table of `sweep status`."""
     spec, tracker = ctx.spec, ctx.tracker()
     # Tune lets a custom searcher have one trial waiting for resources at a time, so the
     # second trial's actor starts only once the first one runs; let every free slot have one.
@@ -372,10 +532,12 @@ def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool) -> bool:
     if user_pending is None:
         os.environ[pending] = str(_trial_slots(spec))
     try:
-        results = tuner.fit()
+        with console.showing():
+            results = tuner.fit()
     finally:
         if user_pending is None:
             os.environ.pop(pending, None)
+    took = console.elapsed()
     # Optuna hears of every tuning trial's end (complete, pruned, failed) from the searcher, a
     # repeat's end is its finished run; on Ctrl-C Tune saves its state and stops the running
     # trials, which stay RUNNING there
@@ -384,6 +546,7 @@ def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool) -> bool:
         killed = tracker.close_running(spec.name, "KILLED", "sweep interrupted")
         tracker.finish(ctx.parent_run_id, "KILLED")
         print(
+            f"{status_table(spec, ctx.layout, tracker)}\n"
             f"sweep {spec.name} interrupted: {ended} of {planned} trials ended; "
             f"{len(killed)} runs marked KILLED until resumed\n"
             f"resume with: sweep resume {spec.name} --storage {ctx.layout.root}",
@@ -395,9 +558,11 @@ def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool) -> bool:
     tracker.set_tags(ctx.parent_run_id, {"trials": str(len(results)), "failed": str(failed)})
     tracker.finish(ctx.parent_run_id)
     print(
-        f"sweep {spec.name} finished: {len(results)} trials, {failed} failed\n"
-        f"status: sweep status {spec.name} --storage {ctx.layout.root}\n"
-        f"MLflow: {ui_hint(ctx.tracking_uri, tracker.experiment_id)}",
+        f"sweep {spec.name} finished: {len(results)} trials, {failed} failed "
+        f"(in {duration(took)})\n"
+        f"MLflow: {ui_hint(ctx.tracking_uri, tracker.experiment_id)}\n"
+        f"status: sweep status {spec.name} --storage {ctx.layout.root}\n\n"
+        f"{status_table(spec, ctx.layout, tracker)}",
         flush=True,
     )
     return True

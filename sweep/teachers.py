@@ -232,8 +232,14 @@ def train_teacher(
                 schedule=sched,
             )
         objective.end_epoch()
-        # printed, not logged: Ray forwards worker stdout to the driver's console
-        print(f"teacher {t.label}: epoch {epoch + 1}/{t.epochs} loss {loss_value:.4f}", flush=True)
+        # Ray forwards every worker's stdout to the driver's console: one line there per teacher
+        # (printed); each epoch is logged at INFO, for whoever configures logging to see it
+        if epoch + 1 == t.epochs:
+            print(
+                f"teacher {t.label}: trained {t.epochs} epochs, loss {loss_value:.4f}", flush=True
+            )
+        else:
+            log.info("teacher %s: epoch %d/%d loss %.4f", t.label, epoch + 1, t.epochs, loss_value)
     model.eval()
     return teacher_metrics(spec, model, data)
 
