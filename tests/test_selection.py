@@ -57,7 +57,12 @@ def test_missing_values_and_an_empty_cell():
 def test_report_and_evaluate_name_the_same_best_run_of_every_cell(tmp_path):
     """A finished sweep whose cells have ASHA-stopped trials and a seed repeat of their best:
     the run `sweep report` names as a cell's best is the one `sweep evaluate --top 1` evaluates
-    first, it is the run the repeat re-ran, and `sweep status` shows its value."""
+    first, it is the run the repeat re-ran, and `sweep status` shows its value.
+
+    The same sweep checks the trials ASHA stops (trials one at a time, halving after epoch 1):
+    a trial worse than the median at epoch 1 is stopped there, pruned in Optuna, and still gets
+    its test suite run from its epoch-1 checkpoint at the end of the sweep (its MLflow run
+    FINISHED, 1 epoch trained, tested once at that epoch)."""
     spec = tiny_spec_dict(
         tmp_path,
         name="pick",
@@ -79,13 +84,36 @@ def test_report_and_evaluate_name_the_same_best_run_of_every_cell(tmp_path):
     run = sweep_cli(tmp_path, "run", "pick.yaml")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
+    assert "pick finished: 10 trials, 0 failed" in run.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("pick")
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'student'", max_results=100)
+    assert len(runs) == 10 and all(x.info.status == "FINISHED" for x in runs)
     by_name = {r.info.run_name: r for r in runs}
-    stopped = [r for r in runs if r.data.tags.get("epochs_trained") == "1"]
-    assert stopped, "no trial was stopped early: the test no longer exercises that case"
     assert sum("repeat" in r.data.tags for r in runs) == 2
+    state = json.loads((tmp_path / "sweeps" / "pick" / "state.json").read_text())
+    n_stopped = 0
+    for cell in ("ce.kd.pgd", "none.ce.pgd"):
+        trials = tmp_path / "sweeps" / "pick" / "trials" / cell
+        stopped = {
+            int(d.name)
+            for d in trials.iterdir()
+            if (d / "outcome.json").exists()
+            and json.loads((d / "outcome.json").read_text())["status"] == "stopped"
+        }
+        n_stopped += len(stopped)
+        study = optuna.load_study(study_name=f"pick/{cell}", storage=state["optuna"])
+        pruned = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
+        assert pruned == stopped
+        for k in range(4):
+            r = by_name[f"{cell}#{k}"]
+            epochs = 1 if k in stopped else 2
+            assert r.data.tags["epochs_trained"] == str(epochs)
+            assert {"test/clean_acc", "test/robust_acc/fgsm"} <= set(r.data.metrics)
+            history = client.get_metric_history(r.info.run_id, "test/clean_acc")
+            assert [m.step for m in history] == [epochs]  # tested once, at the epoch it reached
+    assert n_stopped, "no trial was stopped: the test no longer exercises ASHA"
+    assert f"testing {n_stopped} trials stopped early by ASHA" in run.stdout
 
     report = sweep_cli(tmp_path, "report", "pick")
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
@@ -101,7 +129,6 @@ def test_report_and_evaluate_name_the_same_best_run_of_every_cell(tmp_path):
     for m in re.finditer(r"^\[\d+/\d+\] (\S+) ([0-9a-f]{8}): ", ev.stdout, re.M):
         first.setdefault(m.group(1), m.group(2))
 
-    state = json.loads((tmp_path / "sweeps" / "pick" / "state.json").read_text())
     status = sweep_cli(tmp_path, "status", "pick").stdout
     for cell, run_ in named.items():
         assert first[cell] == run_.info.run_id[:8]

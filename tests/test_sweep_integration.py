@@ -225,51 +225,5 @@ def test_every_registered_method_runs_one_epoch_through_the_sweep_path(tmp_path)
     assert all("test/robust_acc/pgd5" in r.data.metrics for r in runs)
 
 
-def test_trials_asha_stops_are_tested_from_their_last_checkpoint(tmp_path):
-    """One cell, trials one at a time, halving after epoch 1: a trial worse than the median at
-    epoch 1 is stopped there (ASHA), pruned in Optuna, and still gets its test suite run from
-    its epoch-1 checkpoint at the end of the sweep (its MLflow run FINISHED, 1 epoch trained)."""
-    spec = tiny_spec_dict(
-        tmp_path,
-        name="halve",
-        grid={"teacher_loss": ["ce"], "method": ["kd"], "train_attack": ["pgd"]},
-        teacher={"epochs": 1},
-        train_attack={"steps": 1},
-        search_space={"lr": {"type": "log_float", "low": 1e-4, "high": 0.3}},
-        budget={"trials_per_cell": 4, "epochs": 2, "grace_period": 1, "reduction_factor": 2},
-        evaluation={
-            "attacks": ["fgsm"],
-            "val_attack": "fgsm",
-            "val_examples": 100,
-            "test_examples": 50,
-        },
-        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
-    )
-    (tmp_path / "halve.yaml").write_text(yaml.safe_dump(spec))
-    r = sweep_cli(tmp_path, "run", "halve.yaml")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "halve finished: 4 trials, 0 failed" in r.stdout
-    trials = tmp_path / "sweeps" / "halve" / "trials" / "ce.kd.pgd"
-    stopped = {
-        int(d.name)
-        for d in trials.iterdir()
-        if (d / "outcome.json").exists()
-        and json.loads((d / "outcome.json").read_text())["status"] == "stopped"
-    }
-    assert stopped, "no trial was stopped: the test no longer exercises ASHA"
-    assert f"testing {len(stopped)} trials stopped early by ASHA" in r.stdout
-    state = json.loads((tmp_path / "sweeps" / "halve" / "state.json").read_text())
-    study = optuna.load_study(study_name="halve/ce.kd.pgd", storage=state["optuna"])
-    pruned = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
-    assert pruned == stopped
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("halve")
-    runs, _ = _student_metrics(client, exp.experiment_id)
-    assert len(runs) == 4 and all(x.info.status == "FINISHED" for x in runs)
-    by_index = {int(x.info.run_name.split("#")[1]): x for x in runs}
-    for k, run in by_index.items():
-        epochs = 1 if k in stopped else 2
-        assert run.data.tags["epochs_trained"] == str(epochs)
-        assert {"test/clean_acc", "test/robust_acc/fgsm"} <= set(run.data.metrics)
-        history = client.get_metric_history(run.info.run_id, "test/clean_acc")
-        assert [m.step for m in history] == [epochs]  # tested once, at the epoch it reached
+# Trials ASHA stops (pruned in Optuna, tested from their last checkpoint at the end of the
+# sweep): tests/test_selection.py, on the sweep that also checks the selection rule.
