@@ -34,13 +34,13 @@ from torch import nn
 from .cmi import output_metrics
 from .context import SweepContext, augmentation, fast_path, new_model, optim_settings
 from .data import Splits
-from .fast import to_format, training_forwards
+from .fast import to_format
 from .measure import test_metrics, val_subset, validation_metrics
 from .spec import SweepSpec
 from .store import Store, locked
 from .teacher_defs import TeacherDef
 from .teacher_losses import TEACHER_LOSSES
-from .training import make_optimization, seed_everything, train_epoch
+from .training import fast_epoch, make_optimization, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +221,16 @@ def train_teacher(
     # the teacher's training steps take the fast path too (not compiled: trained once per sweep)
     fast = fast_path(spec, data.x_train.device)
     for epoch in range(t.epochs):
-        with training_forwards(fast, model):
-            loss_value = train_epoch(
-                model,
-                data,
-                batch_size=optim["batch_size"],
-                augmentation=augmentation(spec, data),
-                step_loss=lambda x, y: objective.loss(model, to_format(x, fast), y),
-                optimizer=opt,
-                schedule=sched,
-            )
+        loss_value = fast_epoch(
+            model,
+            data,
+            fast=fast,
+            batch_size=optim["batch_size"],
+            augmentation=augmentation(spec, data),
+            step_loss=lambda x, y: objective.loss(model, to_format(x, fast), y),
+            optimizer=opt,
+            schedule=sched,
+        )
         objective.end_epoch()
         # Ray forwards every worker's stdout to the driver's console: one line there per teacher
         # (printed); each epoch is logged at INFO, for whoever configures logging to see it
