@@ -1,0 +1,221 @@
+"""`summary.md`: the best configuration per cell, the teacher-loss comparison, the teachers and
+what is missing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from ..spec import SweepSpec
+from .data import SweepData
+from .table import Best, reported_metrics
+
+REFERENCE_TEACHER = "ce"
+
+
+def _pct(mean: float, std: float | None = None) -> str:
+    if mean is None or math.isnan(mean):
+        return "—"
+    if std is None or math.isnan(std):
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _short(metric: str) -> str:
+    """`test/robust_acc/pgd20` -> `pgd20`, `test/clean_acc` -> `clean`, finals kept."""
+    if metric.startswith("test/"):
+        return "clean" if metric == "test/clean_acc" else metric.rsplit("/", 1)[1]
+    return metric
+
+
+def best_section(spec: SweepSpec, best: dict[str, Best], metrics: list[str]) -> list[str]:
+    obj = spec.objectives[0]
+    lines = [
+        "## Best configuration per cell",
+        "",
+        f"Chosen by {obj.mode} `{obj.metric}` (validation) of the tuned trial; test accuracy in "
+        "% as mean ± sample std over the configuration's n finished runs (repeats included); "
+        "`final/` columns (from `sweep evaluate`) average the runs that have them.",
+        "",
+    ]
+    rows = []
+    for cell in spec.cells():
+        b = best.get(cell.key)
+        if b is None:
+            rows.append([cell.key, "no finished trial", "0", "—"] + ["—"] * len(metrics) + [""])
+            continue
+        rows.append(
+            [cell.key, b.hp, str(b.n), f"{b.score:.4f}"]
+            + [_pct(b.mean[m], b.std[m]) for m in metrics]
+            + [f"`{b.run_name}`"]
+        )
+    header = ["cell", "hyperparameters", "n", obj.metric] + [_short(m) for m in metrics]
+    return lines + _md_table(header + ["run"], rows) + [""]
+
+
+def comparison_section(spec: SweepSpec, best: dict[str, Best], metrics: list[str]) -> list[str]:
+    """Each teacher loss's gain over the `ce` teacher, per method and train attack."""
+    lines = [
+        f"## Teacher loss vs `{REFERENCE_TEACHER}` teacher",
+        "",
+        "Gain in percentage points of the best configuration's mean test accuracy over that of "
+        f"the `{REFERENCE_TEACHER}` teacher's cell with the same method and train attack.",
+        "",
+    ]
+    cells = spec.cells()
+    for method in spec.grid.method:
+        mine = [c for c in cells if c.method == method]
+        lines.append(f"### {method}")
+        if mine and all(c.teacher_loss == "none" for c in mine):
+            lines += ["", "No teacher: not compared.", ""]
+            continue
+        rows, notes = [], []
+        for attack in spec.grid.train_attack:
+            here = {c.teacher_loss: c for c in mine if c.train_attack == attack}
+            if not here:
+                continue
+            ref = here.get(REFERENCE_TEACHER)
+            if ref is None:
+                notes.append(f"{attack}: no `{REFERENCE_TEACHER}` teacher cell: no comparison.")
+                continue
+            if ref.key not in best:
+                notes.append(f"{attack}: `{ref.key}` has no finished trial yet: no comparison.")
+                continue
+            for loss, cell in here.items():
+                if loss == REFERENCE_TEACHER:
+                    continue
+                b = best.get(cell.key)
+                if b is None:
+                    notes.append(f"{attack}: `{cell.key}` has no finished trial yet.")
+                    continue
+                rows.append([attack, loss] + [_gain(b, best[ref.key], m) for m in metrics])
+        lines.append("")
+        if rows:
+            header = ["train attack", "teacher loss"] + [_short(m) for m in metrics]
+            lines += _md_table(header, rows) + [""]
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return lines
+
+
+def _gain(b: Best, ref: Best, metric: str) -> str:
+    """Percentage points of `b` over `ref`; a dash where either lacks the metric."""
+    d = b.mean.get(metric, math.nan) - ref.mean.get(metric, math.nan)
+    return "—" if math.isnan(d) else f"{100 * d:+.2f}"
+
+
+def pareto_metric(spec: SweepSpec) -> str | None:
+    """The robust accuracy the Pareto plot uses: the suite's first attack (none if empty)."""
+    attacks = spec.evaluation.attacks
+    return f"test/robust_acc/{attacks[0].key}" if attacks else None
+
+
+def teachers_section(spec: SweepSpec, teachers: list[Any]) -> list[str]:
+    if not teachers:
+        return []
+    robust = pareto_metric(spec) or "test/robust_acc"
+    rows = []
+    for t in sorted(teachers, key=lambda t: t.data.tags.get("teacher_label", "")):
+        m = t.data.metrics
+        ncmi = m.get("val/ncmi")
+        rows.append(
+            [
+                t.data.tags.get("teacher_label", t.info.run_name),
+                _pct(m.get("test/clean_acc", math.nan)),
+                _pct(m.get(robust, math.nan)),
+                f"{ncmi:.4f}" if ncmi is not None else "—",
+            ]
+        )
+    header = ["teacher", "clean", _short(robust), "val NCMI"]
+    return ["## Teachers", ""] + _md_table(header, rows) + [""]
+
+
+def missing_lines(data: SweepData, df: pd.DataFrame, best: dict[str, Best]) -> list[str]:
+    """What a finished sweep would have and this one lacks; empty when nothing is missing."""
+    spec = data.spec
+    per_cell = spec.budget.trials_per_cell
+    cells = spec.cells()
+    tuned = df[df["repeat"].fillna(0) == 0]
+    started = tuned["cell"].value_counts()
+    planned = len(cells) * per_cell
+    out = []
+    n_started = int(sum(min(int(started.get(c.key, 0)), per_cell) for c in cells))
+    if n_started < planned:
+        short = [
+            f"`{c.key}` {int(started.get(c.key, 0))}/{per_cell}"
+            for c in cells
+            if started.get(c.key, 0) < per_cell
+        ]
+        out.append(
+            f"{n_started} of {planned} planned trials ({len(cells)} cells × {per_cell}) have a "
+            f"run; not started yet: {', '.join(short)}."
+        )
+    for c in cells:
+        if c.key not in best:
+            statuses = df[df["cell"] == c.key]["status"].value_counts()
+            got = ", ".join(f"{n} {s}" for s, n in statuses.items()) or "no run"
+            out.append(f"`{c.key}`: no finished trial ({got}).")
+    for _, r in df[df["status"] != "FINISHED"].iterrows():
+        why = r["failure_reason"] or r["stopped_because"]
+        out.append(
+            f"trial `{r['run_name']}` is {r['status']}"
+            + (f" ({why})" if isinstance(why, str) and why else "")
+            + (f", at epoch {r['epochs_trained']}" if not pd.isna(r["epochs_trained"]) else "")
+            + "."
+        )
+    done = df[df["status"] == "FINISHED"]
+    if "test/clean_acc" in df:
+        for _, r in done[done["test/clean_acc"].isna()].iterrows():
+            out.append(f"trial `{r['run_name']}` is FINISHED but has no test metrics.")
+    if spec.repeats:
+        repeats = df[df["repeat"].fillna(0) > 0]
+        for c in cells:
+            if c.key not in best:  # said above: no finished trial, nothing to repeat
+                continue
+            got = repeats[repeats["cell"] == c.key]
+            ok = int((got["status"] == "FINISHED").sum())
+            if ok < spec.repeats:
+                out.append(
+                    f"`{c.key}`: {ok} of {spec.repeats} seed repeats of its best configuration "
+                    f"finished ({len(got)} started)."
+                )
+    no_study = [c.key for c in cells if c.key not in data.studies]
+    if no_study:
+        out.append(f"no Optuna study (no history plot) for: {', '.join(no_study)}.")
+    return out
+
+
+def summary_markdown(
+    data: SweepData, df: pd.DataFrame, best: dict[str, Best], missing: list[str]
+) -> str:
+    spec = data.spec
+    obj = spec.objectives[0]
+    metrics = [m for m in reported_metrics(spec, df) if m in df] or ["test/clean_acc"]
+    counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()) or "none"
+    n_test = spec.evaluation.test_examples or "all"
+    lines = [
+        f"# Sweep `{data.name}`",
+        "",
+        f"- grid: {len(spec.cells())} cells × {spec.budget.trials_per_cell} trials"
+        + (f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else "")
+        + ", "
+        f"{spec.budget.epochs} epochs; dataset {spec.dataset.name}, student "
+        f"{spec.student.arch}, {spec.threat.norm} eps {spec.threat.eps:.4g}",
+        f"- objective: {obj.mode} `{obj.metric}` (validation split; test numbers never choose)",
+        f"- test suite: clean, {', '.join(a.key for a in spec.evaluation.attacks)} "
+        f"on {n_test} test examples per trial",
+        f"- trials in MLflow: {len(df)} ({counts})",
+        "",
+    ]
+    lines += best_section(spec, best, metrics)
+    lines += comparison_section(spec, best, metrics)
+    lines += teachers_section(spec, data.teachers)
+    lines += ["## Missing", ""]
+    lines += [f"- {m}" for m in missing] if missing else ["Nothing: every trial finished."]
+    return "\n".join(lines) + "\n"
