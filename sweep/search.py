@@ -14,6 +14,7 @@ storage's own (public, BaseStorage) methods map it to the storage's trial id.
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -63,11 +64,6 @@ def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
     raise TypeError(f"not a search-space range: {p!r}")
 
 
-def optuna_storage(url: str) -> optuna.storages.RDBStorage:
-    """One storage (one connection pool) for every cell's study."""
-    return optuna.storages.RDBStorage(url)
-
-
 class CellSearcher(Searcher):
     """One Optuna study per grid cell behind Tune's Searcher interface."""
 
@@ -89,11 +85,13 @@ class CellSearcher(Searcher):
         self._reconciled = True
         self._studies: dict[str, optuna.Study] = {}
         self._storage: optuna.storages.RDBStorage | None = None
+        self._trial_ids: dict[tuple[str, int], int] = {}  # (cell, number) -> storage's id
 
     def __getstate__(self) -> dict[str, Any]:  # Optuna studies hold DB engines: not picklable
         state = dict(self.__dict__)
         state["_studies"] = {}
         state["_storage"] = None
+        state["_trial_ids"] = {}
         return state
 
     def set_search_properties(
@@ -104,7 +102,8 @@ class CellSearcher(Searcher):
     @property
     def storage(self) -> optuna.storages.RDBStorage:
         if self._storage is None:
-            self._storage = optuna_storage(self.optuna_url)
+            # one storage (one connection pool) for every cell's study
+            self._storage = optuna.storages.RDBStorage(self.optuna_url)
         return self._storage
 
     def study(self, key: str) -> optuna.Study:
@@ -122,8 +121,13 @@ class CellSearcher(Searcher):
         return self._studies[key]
 
     def _storage_id(self, key: str, number: int) -> int:
-        study_id = self.storage.get_study_id_from_name(self.study(key).study_name)
-        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        """The storage's id of trial `number` of the cell's study: asked once per trial (it
+        never changes), since Tune reports every epoch of every trial."""
+        if (key, number) not in self._trial_ids:
+            study_id = self.storage.get_study_id_from_name(self.study(key).study_name)
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            self._trial_ids[(key, number)] = trial_id
+        return self._trial_ids[(key, number)]
 
     def reconcile(self) -> list[tuple[str, int]]:
         """After a restore: find the Optuna trials this searcher's snapshot never handed to
@@ -179,9 +183,7 @@ class CellSearcher(Searcher):
             self.repeats[cell.key] += 1
             k = self.repeats[cell.key]
             config = self._config(cell, best.number, best.params, trial_id)
-            return TrialConfig(
-                **(config.__dict__ | {"seed": self.spec.repeat_seed(k), "repeat": k})
-            ).to_dict()
+            return replace(config, seed=self.spec.repeat_seed(k), repeat=k).to_dict()
         return None if waiting else Searcher.FINISHED
 
     def _tuning_ended(self, key: str) -> bool:

@@ -277,15 +277,9 @@ class Tracker:
             terms.append(where)
         return self._search(" and ".join(terms))
 
-    def run(self, run_id: str) -> Any:
-        return self.client.get_run(run_id)
-
     def metrics(self, run_id: str) -> dict[str, float]:
         """The run's metrics, each at its last logged value."""
         return dict(self.client.get_run(run_id).data.metrics)
-
-    def experiment_name(self) -> str:
-        return self.client.get_experiment(self.experiment_id).name
 
 
 def default_artifact_root(tracking_uri: str, experiment: str) -> str | None:
