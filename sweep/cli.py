@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     from .spec import SpecError
 
     args = parser().parse_args(argv)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        # an embedded Ray listens on loopback only; Ray reads this when it is imported, so here,
+        # before any command imports it (DESIGN §3.8), not in driver.init_ray
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return args.fn(args)
     except SpecError as e:

@@ -198,7 +198,8 @@ def init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback (DESIGN §3.8)
+    # loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set by cli.main before Ray's import
+    # (setting it here, after `import ray`, would be too late: DESIGN §3.8)
     ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     return True
 
