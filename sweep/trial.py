@@ -159,6 +159,19 @@ def _student_run(
     return run_id
 
 
+def optim_batch(spec: SweepSpec) -> int:
+    """Size of the sample batch a method's build() reads feature sizes off."""
+    return min(spec.student.optim.batch_size, 64)
+
+
+def method_parts(method: Any) -> nn.Module | None:
+    """The method's trainable parts, in train mode (None for most methods)."""
+    parts = getattr(method, "trainable", None)
+    if parts is not None:
+        parts.train()
+    return parts
+
+
 class TrialFailed(RuntimeError):
     """A trial that failed for good before (e.g. diverged): restarting it cannot help."""
 
@@ -203,11 +216,17 @@ def run_trial(
 
     fast = fast_path(spec, device)
     student = new_model(spec.student.arch, data, device, fast)
+    method.build(student, teachers, data.x_train[: optim_batch(spec)], len(data.x_train))
+    parts = method_parts(method)
     optim = optim_settings(spec.student.optim, config.hp)
-    opt, sched = make_optimization(student, optim, spec.budget.epochs, len(data.x_train))
+    # the method's own trainable parts (GACD's heads) are optimised with the student, same settings
+    trained = nn.ModuleList([student, parts]) if parts is not None else student
+    opt, sched = make_optimization(trained, optim, spec.budget.epochs, len(data.x_train))
     start = 0
     if resume:
         student.load_state_dict(resume["model"])
+        if parts is not None:
+            parts.load_state_dict(resume["method_parts"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["schedule"])
         _set_rng_state(resume["rng"])
@@ -248,6 +267,8 @@ def run_trial(
                 finalize(ctx, student, data, run_id, epoch)
             state = student_state(student, opt, sched, epoch, run_id)
             state |= {"method": method.state_dict(), "metrics": metrics}
+            if parts is not None:
+                state["method_parts"] = parts.state_dict()
             checkpoints.save_state(key, state)
             report({**metrics, "epoch": epoch}, state)
     except Diverged as e:

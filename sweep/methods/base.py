@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackObjective, ce_objective
+from ..fidelity import UNDECLARED, Fidelity
 from ..models import forward_features
 from ..registry import Registry
 from ..space import FloatParam, SearchParam
@@ -48,6 +49,11 @@ class Method:
     # "penultimate" if loss() calls models.forward_features on the networks (GACD)
     features: ClassVar[str | None] = None
     space: ClassVar[dict[str, SearchParam]] = {}
+    # The paper's own setting of the searched hyperparameters (keys of `space`): each cell's
+    # first trial runs it before tuning starts, and `sweep list` shows it beside the ranges.
+    paper_default: ClassVar[dict[str, Any]] = {}
+    # How this implementation was checked against its paper (fidelity.py).
+    fidelity: ClassVar[Fidelity] = UNDECLARED
 
     def __init__(self, hp: dict[str, Any]) -> None:
         missing = [k for k in self.space if k not in hp]
@@ -55,6 +61,16 @@ class Method:
             raise ValueError(f"method {self.name!r} needs hyperparameters {missing}")
         self.hp = hp
         self._teacher_outputs = TeacherOutputs()
+        # trainable parts the method owns (projection heads, critics, memory banks), made by
+        # build(): the trial's optimiser trains them with the student and its checkpoint holds them
+        self.trainable: nn.Module | None = None
+
+    def build(
+        self, student: nn.Module, teachers: list[nn.Module], x: torch.Tensor, n_train: int
+    ) -> None:
+        """Called once per trial after the networks exist and before the optimiser is made, with
+        a sample batch `x` (to read feature sizes off) and the training-set size. A method that
+        owns trainable parts sets `self.trainable` (an nn.Module) here, on x's device; the default owns none."""
 
     def teacher_logits(self, teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """teacher(x) under no_grad, shared by every term of this batch that needs it."""
@@ -120,6 +136,8 @@ class Method:
             "inner_max": cls.inner_max,
             "features": cls.features,
             "space": {k: describe(v) for k, v in cls.space.items()},
+            "paper_default": dict(cls.paper_default),
+            "fidelity": cls.fidelity.describe(),
         }
 
 
