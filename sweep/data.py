@@ -229,11 +229,15 @@ def load_splits(
 
 
 def augment(x: torch.Tensor, *, flip: bool, crop_pad: int) -> torch.Tensor:
-    """Random crop (reflect padding) and optional horizontal flip, for a whole batch at once."""
+    """Random crop (zero padding) and optional horizontal flip, for a whole batch at once.
+
+    Zero padding, as every reference's `RandomCrop(32, padding=4)` (TRADES, ARD, IAD, RSLAD,
+    MTARD): images are in [0, 1] before normalisation, so the pad is black, as torchvision's.
+    """
     n, c, h, w = x.shape
     if crop_pad > 0:
         p = crop_pad
-        padded = F.pad(x, (p, p, p, p), mode="reflect")
+        padded = F.pad(x, (p, p, p, p), mode="constant", value=0.0)
         di = torch.randint(0, 2 * p + 1, (n, 1), device=x.device)
         dj = torch.randint(0, 2 * p + 1, (n, 1), device=x.device)
         rows = (di + torch.arange(h, device=x.device))[:, None, :, None]
