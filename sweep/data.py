@@ -34,6 +34,7 @@ class DatasetInfo:
     crop_pad: int  # random-crop padding used by augmentation
     bundled: bool  # ships with a package: no download, no data_dir
     has_test_split: bool  # an official test split exists
+    size: int  # examples in the official training split (all examples when there is no test split)
 
 
 # `@DATASETS.register(name, num_classes=..., ...)` on a loader `load(data_dir, download)`
@@ -50,6 +51,7 @@ DATASETS: Registry[DatasetInfo] = Registry("dataset", entry=DatasetInfo)
     crop_pad=1,
     bundled=True,
     has_test_split=False,
+    size=1797,
 )
 def _load_digits(data_dir: Path, download: bool) -> tuple[torch.Tensor, ...]:
     """scikit-learn's bundled 8x8 digits. Read straight from its CSV: importing
@@ -121,6 +123,7 @@ def _torchvision(
     std: tuple[float, ...],
     flip: bool,
     split_kw: str,
+    size: int,
 ) -> None:
     """Register a torchvision dataset (its loader is made here, so the decorator is called)."""
     DATASETS.register(
@@ -133,10 +136,11 @@ def _torchvision(
         crop_pad=2 if shape[1] == 28 else 4,
         bundled=False,
         has_test_split=True,
+        size=size,
     )(_torchvision_loader(cls, split_kw))
 
 
-_torchvision("mnist", "MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), False, "train")
+_torchvision("mnist", "MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), False, "train", 60000)
 _torchvision(
     "cifar10",
     "CIFAR10",
@@ -146,6 +150,7 @@ _torchvision(
     (0.2470, 0.2435, 0.2616),
     True,
     "train",
+    50000,
 )
 _torchvision(
     "cifar100",
@@ -156,6 +161,7 @@ _torchvision(
     (0.2673, 0.2564, 0.2762),
     True,
     "train",
+    50000,
 )
 _torchvision(
     "svhn",
@@ -166,6 +172,7 @@ _torchvision(
     (0.1980, 0.2010, 0.1970),
     False,
     "split",
+    73257,
 )
 
 
@@ -181,6 +188,20 @@ class Splits:
     x_test: torch.Tensor
     y_test: torch.Tensor
 
+    def refit(self) -> Splits:
+        """The validation examples moved into training (validation left empty): how a cell's
+        best configuration is retrained for its final numbers once tuning no longer needs them,
+        as the literature trains on all 50k CIFAR images."""
+        return Splits(
+            self.info,
+            torch.cat([self.x_train, self.x_val]),
+            torch.cat([self.y_train, self.y_val]),
+            self.x_val[:0],
+            self.y_val[:0],
+            self.x_test,
+            self.y_test,
+        )
+
     def to(self, device: torch.device | str) -> Splits:
         moved = {
             k: getattr(self, k).to(device)
@@ -191,6 +212,17 @@ class Splits:
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def split_sizes(info: DatasetInfo, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Train / validation sizes (and test, where carved) that `load_splits` will make, without
+    loading: what `sweep validate` prints as the protocol."""
+    n, out = info.size, {}
+    if not info.has_test_split:
+        out["test"] = int(round(test_fraction * n))
+        n -= out["test"]
+    n_val = int(round(val_fraction * n))
+    return {"train": n - n_val, "val": n_val, **out}
 
 
 def load_splits(

@@ -165,3 +165,15 @@ def test_small_cnn_keeps_its_layers_and_parameter_count():
     bns = 2 * (32 + 32 + 64 + 64)
     assert _n_params(m) == convs + bns + 64 * 10 + 10
     assert isinstance(m[1][0], torch.nn.Sequential)  # body[0] is still the first conv block
+
+
+def test_split_sizes_are_the_sizes_load_splits_makes_and_refit_trains_on_train_plus_val():
+    from sweep.data import DATASETS, load_splits, split_sizes
+
+    s = load_splits("digits", val_fraction=0.15, test_fraction=0.25)
+    sizes = split_sizes(DATASETS.get("digits"), 0.15, 0.25)
+    assert sizes == {"train": len(s.x_train), "val": len(s.x_val), "test": len(s.x_test)}
+    r = s.refit()
+    assert len(r.x_train) == sizes["train"] + sizes["val"] and len(r.x_val) == 0
+    assert torch.equal(r.x_train[len(s.x_train) :], s.x_val)
+    assert torch.equal(r.x_test, s.x_test)
