@@ -12,19 +12,28 @@ For *evaluation* each registered attack names the objective it is defined with
 (`AttackInfo.objective`): CE for FGSM/PGD/MI-FGSM, the Carlini-Wagner margin for `cw_inf`.
 
 Every attack function has the signature
-`fn(model, x, objective, *, eps, steps, step_size=None, norm="linf", **_)`; the ones that do
-not iterate ignore `steps`, and an unsupported `norm` is a ValueError naming the allowed norms.
+`fn(model, x, objective, *, eps, steps, step_size=None, norm="linf", start=None, **params)`;
+the ones that do not iterate ignore `steps`, and an unsupported `norm` is a ValueError naming
+the allowed norms. `start` is the point the attack starts from instead of its own starting point
+(x, or a random point of the ball): TRADES-style methods, whose objective is flat at x' = x,
+start every attack at x + 0.001 * N(0, 1) as the authors' code does. Whatever the start, the
+result is projected onto the eps-ball around x and into [0, 1]. `params` are the attack's own
+parameters (MI-FGSM's decay), declared at registration (`AttackInfo.params`).
+
 Each is registered at its definition, `@ATTACKS.register(name, summary=..., ...)`: these are the
 training attacks (the grid's `train_attack` axis), also usable in `evaluation.attacks`. The
-evaluation-only ones (AutoAttack) are in `sweep.evaluate.EVAL_ATTACKS`.
+evaluation-only ones (AutoAttack) are in `sweep.evaluate.EVAL_ATTACKS`. Two sets of defaults:
+the function's keyword defaults are the *evaluation* protocol (PGD: 2.5 * eps / steps, Madry et
+al.), and `AttackInfo.train_steps` / `train_step` are the *training* protocol of the robust-KD
+literature (10 PGD steps of eps/4, DESIGN §4.1), applied by `sweep.attack_defs.TrainAttackSpec`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -78,15 +87,66 @@ def cw_objective(y: torch.Tensor, kappa: float = 0.0) -> AttackObjective:
     return lambda logits: cw_margin(logits, y).clamp(max=kappa).sum()
 
 
-def cw_inf_objective(y: torch.Tensor) -> AttackObjective:
-    """The objective of the registered `cw_inf`: the CW margin with kappa = CW_KAPPA = 50.
+def cw_inf_objective(y: torch.Tensor, kappa: float = CW_KAPPA) -> AttackObjective:
+    """The objective of the registered `cw_inf`: the CW margin with kappa = CW_KAPPA = 50 (its
+    declared parameter `kappa`).
 
     Why 50 and not CW's default 0: 50 is what the evaluation code behind the robust-KD numbers
     users compare with uses (the `cwloss(..., confidence=50)` of CAT/MART/RSLAD/IAD), i.e. in
     practice the unclamped margin; with kappa = 0 an example stops exactly at the decision
     boundary, where a later forward pass in another precision or batch size can flip it back.
     """
-    return cw_objective(y, kappa=CW_KAPPA)
+    return cw_objective(y, kappa=kappa)
+
+
+@dataclass(frozen=True)
+class AttackParam:
+    """An attack's own parameter (MI-FGSM's decay): its default, bounds (None = unbounded,
+    inclusive), and what it does. `training`: whether it can act in a training attack. False
+    for a parameter of the attack's evaluation objective (cw_inf's kappa): in training the
+    method supplies the objective, so the parameter would be silently ignored; the sweep file
+    rejects it there instead."""
+
+    default: float
+    low: float | None = None
+    high: float | None = None
+    doc: str = ""
+    training: bool = True
+
+    def check(self, value: object) -> str | None:
+        """None if `value` is acceptable, else why not (for the sweep file's error message)."""
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            return f"must be a number (got {value!r})"
+        if self.low is not None and value < self.low:
+            return f"must be >= {self.low:g} (got {value})"
+        if self.high is not None and value > self.high:
+            return f"must be <= {self.high:g} (got {value})"
+        return None
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """A training step size: `scale` * eps, divided by the number of steps when `per_step`.
+
+    Why a rule and not a number: the step is a fraction of the budget in every paper (PGD eps/4,
+    FGSM-RS 1.25 * eps, MI-FGSM eps/steps), so it follows the sweep's eps and steps."""
+
+    scale: float
+    per_step: bool = False
+
+    def __call__(self, eps: float, steps: int) -> float:
+        return self.scale * eps / (steps if self.per_step else 1)
+
+    def describe(self) -> str:
+        """'eps/4', '1.25*eps', 'eps/steps': how `sweep validate` prints the rule."""
+        inv = 1.0 / self.scale
+        if self.scale == 1.0:
+            base = "eps"
+        elif self.scale < 1.0 and abs(inv - round(inv)) < 1e-9:
+            base = f"eps/{round(inv)}"
+        else:
+            base = f"{self.scale:g}*eps"
+        return base + ("/steps" if self.per_step else "")
 
 
 @dataclass(frozen=True)
@@ -95,15 +155,21 @@ class AttackInfo:
 
     `iterative`: whether it takes `steps`. `objective`: y -> the loss it maximises when used for
     evaluation (training-time callers pass their method's own). `norms`: the threat models it
-    implements.
+    implements. Training protocol (what `sweep.attack_defs` uses unless the sweep file sets it
+    for this attack): `train_steps` (None: not iterative) and `train_step`, the step-size rule
+    (None: the attack takes no step, `none`). `params`: its own parameters, passed to `fn` as
+    keywords, whose defaults equal `fn`'s keyword defaults.
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
     summary: str
     iterative: bool = False
-    objective: Callable[[torch.Tensor], AttackObjective] = ce_objective
+    objective: Callable[..., AttackObjective] = ce_objective
     norms: tuple[str, ...] = ("linf",)
+    train_steps: int | None = None
+    train_step: StepRule | None = None
+    params: Mapping[str, AttackParam] = field(default_factory=dict)
 
 
 ATTACKS: Registry[AttackInfo] = Registry("attack", entry=AttackInfo)
@@ -229,14 +295,22 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / _per_example_norm(grad, 2).clamp_min(_TINY)
 
 
+def _starting_point(x: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    """The caller's `start` if given (detached; not projected: the authors' TRADES takes its
+    first gradient at x + 0.001 * N(0, 1) unclipped), else the clean input."""
+    return x.clone() if start is None else start.detach()
+
+
 @ATTACKS.register("none", summary="clean inputs", norms=NORMS)
 def no_attack(
     model: nn.Module, x: torch.Tensor, objective: AttackObjective, **_: object
 ) -> torch.Tensor:
+    """x unchanged. A `start` is ignored: the `none` cell trains on clean inputs, whatever the
+    method (a start of x + 0.001 * N(0, 1) is not an attack, only where an attack begins)."""
     return x
 
 
-@ATTACKS.register("fgsm", summary="FGSM, one step of size eps")
+@ATTACKS.register("fgsm", summary="FGSM, one step of size eps", train_step=StepRule(1.0))
 def fgsm(
     model: nn.Module,
     x: torch.Tensor,
@@ -246,18 +320,22 @@ def fgsm(
     steps: int = 1,
     step_size: float | None = None,
     norm: str = "linf",
+    start: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Goodfellow et al. 2015: one signed-gradient step of size eps from the clean input.
 
     `steps` is ignored; `step_size` (default eps) overrides the step, projected back to the ball.
+    `start` replaces the clean input as the point where the gradient is taken and the step made
+    (TRADES's x + 0.001 * N(0, 1): at x itself its objective is flat).
     """
     check_norm("fgsm", norm, ("linf",))
     alpha = step_size if step_size is not None else eps
     x = x.detach()
+    x0 = _starting_point(x, start)
     with eval_mode(model):
-        grad = input_grad(model, x, objective)
-    return project(x + alpha * grad.sign(), x, eps).detach()
+        grad = input_grad(model, x0, objective)
+    return project(x0 + alpha * grad.sign(), x, eps).detach()
 
 
 @ATTACKS.register(
@@ -265,8 +343,26 @@ def fgsm(
     summary="CW-inf: L-inf PGD on the Carlini-Wagner margin, kappa=50",
     iterative=True,
     objective=cw_inf_objective,
+    train_steps=10,
+    train_step=StepRule(0.25),
+    params={
+        "kappa": AttackParam(
+            CW_KAPPA,
+            low=0.0,
+            training=False,
+            doc="CW confidence of the evaluation objective (cw_inf_objective); a training "
+            "attack climbs the method's own inner objective, so it does not apply there",
+        )
+    },
 )
-@ATTACKS.register("pgd", summary="PGD (L-inf or L2) with random start", iterative=True, norms=NORMS)
+@ATTACKS.register(
+    "pgd",
+    summary="PGD (L-inf or L2) with random start",
+    iterative=True,
+    norms=NORMS,
+    train_steps=10,
+    train_step=StepRule(0.25),
+)
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -284,17 +380,19 @@ def pgd(
 
     L-inf steps along sign(g), L2 steps along g / ||g||_2 (per example); each iterate is projected
     onto the ball and [0, 1]. The default step size 2.5 * eps / steps is Madry et al.'s rule,
-    for both norms: enough to reach the ball's boundary from anywhere inside it. `start` replaces
-    the random start (TRADES starts at x + 0.001 * N(0, 1)).
+    for both norms: enough to reach the ball's boundary from anywhere inside it; it is the
+    evaluation default. Training uses the robust-KD protocol instead, 10 steps of eps/4
+    (`AttackInfo.train_step`; 2/255 at 8/255 for ARD, IAD, RSLAD, MTARD; TRADES's 0.007).
+    `start` replaces the random start (TRADES starts at x + 0.001 * N(0, 1)).
     """
     check_norm("pgd", norm, NORMS)
     alpha = step_size if step_size is not None else 2.5 * eps / steps
     proj = _PROJECT[norm]
     x = x.detach()
-    if start is not None:
-        x_adv = start.detach()
+    if start is not None or not random_start:
+        x_adv = _starting_point(x, start)
     else:
-        x_adv = uniform_in_ball(x, eps, norm) if random_start else x.clone()
+        x_adv = uniform_in_ball(x, eps, norm)
     with eval_mode(model):
         for _ in range(steps):
             grad = input_grad(model, x_adv, objective)
@@ -302,7 +400,11 @@ def pgd(
     return x_adv.detach()
 
 
-@ATTACKS.register("fgsm_rs", summary="FGSM from a random start, step 1.25*eps (Wong et al. 2020)")
+@ATTACKS.register(
+    "fgsm_rs",
+    summary="FGSM from a random start, step 1.25*eps (Wong et al. 2020)",
+    train_step=StepRule(1.25),
+)
 def fgsm_rs(
     model: nn.Module,
     x: torch.Tensor,
@@ -312,6 +414,7 @@ def fgsm_rs(
     steps: int = 1,
     step_size: float | None = None,
     norm: str = "linf",
+    start: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Wong, Rice & Kolter 2020 ("Fast is better than free"): FGSM from a uniform random start.
@@ -319,15 +422,27 @@ def fgsm_rs(
     One signed step of alpha = 1.25 * eps (their recommended value; `step_size` overrides) from a
     point uniform in the L-inf ball, projected to the ball and [0, 1]. The random start is what
     lets single-step adversarial training avoid catastrophic overfitting. `steps` is ignored.
-    This is one step of `pgd` with that step size, and is implemented as exactly that.
+    This is one step of `pgd` with that step size, and is implemented as exactly that. A
+    `start` replaces the uniform one (then it is one FGSM step of 1.25 * eps from `start`).
     """
     check_norm("fgsm_rs", norm, ("linf",))
     alpha = step_size if step_size is not None else 1.25 * eps
-    return pgd(model, x, objective, eps=eps, steps=1, step_size=alpha, random_start=True)
+    return pgd(
+        model, x, objective, eps=eps, steps=1, step_size=alpha, random_start=True, start=start
+    )
 
 
 @ATTACKS.register(
-    "mifgsm", summary="MI-FGSM, momentum 1.0, step eps/steps (Dong et al. 2018)", iterative=True
+    "mifgsm",
+    summary="MI-FGSM, momentum 1.0, step eps/steps (Dong et al. 2018)",
+    iterative=True,
+    train_steps=10,
+    train_step=StepRule(1.0, per_step=True),
+    params={
+        "decay": AttackParam(
+            1.0, low=0.0, doc="momentum mu of the accumulated gradient (Dong et al.: 1.0)"
+        )
+    },
 )
 def mifgsm(
     model: nn.Module,
@@ -339,6 +454,7 @@ def mifgsm(
     step_size: float | None = None,
     norm: str = "linf",
     decay: float = 1.0,
+    start: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Dong et al. 2018 (MI-FGSM): signed steps along an accumulated, normalised gradient.
@@ -347,12 +463,13 @@ def mifgsm(
     by mean|grad|: every term then differs by the same factor d, so sign(g) is the same), then
     x <- proj(x + step * sign(g)), from the clean input (no random start), step = eps / steps
     (`step_size` overrides) and decay mu = 1.0 as in the paper. The normalisation makes every
-    iteration's gradient count equally in the momentum, whatever its scale.
+    iteration's gradient count equally in the momentum, whatever its scale. `start` replaces the
+    clean input as the first iterate (the momentum still starts at zero).
     """
     check_norm("mifgsm", norm, ("linf",))
     alpha = step_size if step_size is not None else eps / steps
     x = x.detach()
-    x_adv = x.clone()
+    x_adv = _starting_point(x, start)
     g = torch.zeros_like(x)
     with eval_mode(model):
         for _ in range(steps):
@@ -360,6 +477,30 @@ def mifgsm(
             g = decay * g + grad / _mean_abs(grad).clamp_min(_TINY)
             x_adv = project(x_adv + alpha * g.sign(), x, eps)
     return x_adv.detach()
+
+
+def param_problem(name: str, key: str, value: object, *, training: bool = False) -> str | None:
+    """Why `key=value` is not a valid parameter of attack `name` (and, for a training attack,
+    usable in training), or None. The message names the allowed parameters, not `key` itself,
+    so callers can prefix where it was written (`mifgsm.params.decy: ...`)."""
+    declared = ATTACKS.get(name).params
+    if key not in declared:
+        allowed = ", ".join(sorted(declared)) or "none"
+        return f"not a parameter of attack {name!r}; allowed: {allowed}"
+    decl = declared[key]
+    if training and not decl.training:
+        return f"does not apply to a training attack: {decl.doc}"
+    return decl.check(value)
+
+
+def check_params(name: str, params: Mapping[str, object], *, training: bool = False) -> None:
+    """A ValueError naming the attack and the parameter for the first bad one. Why: the attack
+    functions swallow unknown keywords (`**_`), so a misspelt `decy` would otherwise be
+    silently ignored."""
+    for key, value in params.items():
+        problem = param_problem(name, key, value, training=training)
+        if problem:
+            raise ValueError(f"parameter {key!r}: {problem}")
 
 
 def run_attack(
@@ -372,8 +513,23 @@ def run_attack(
     steps: int = 10,
     step_size: float | None = None,
     norm: str = "linf",
+    start: torch.Tensor | None = None,
+    **params: float,
 ) -> torch.Tensor:
-    """Run the registered attack `name`; its norms are checked here so the error names it."""
+    """Run the registered attack `name`; its norms and `params` are checked here so the error
+    names it. `params` are keywords of the attack function (not of its evaluation objective:
+    cw_inf's kappa is rejected, since the caller passes the objective)."""
     info = ATTACKS.get(name)
     check_norm(name, norm, info.norms)
-    return info.fn(model, x, objective, eps=eps, steps=steps, step_size=step_size, norm=norm)
+    check_params(name, params, training=True)
+    return info.fn(
+        model,
+        x,
+        objective,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        norm=norm,
+        start=start,
+        **params,
+    )

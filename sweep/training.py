@@ -164,21 +164,31 @@ def fast_epoch(
 
 @dataclass(frozen=True)
 class TrainAttack:
-    """The cell's training attack, configured: `attack(model, x, objective)` -> x' maximising
-    objective(model(x')) within the eps-ball (`attacks.run_attack`); what `Method.adversarial`
-    is given. `name` is the grid's train_attack (`none` returns x unchanged)."""
+    """The cell's training attack, configured: `attack(model, x, objective, start=None)` -> x'
+    maximising objective(model(x')) within the eps-ball (`attacks.run_attack`); what
+    `Method.adversarial` is given. `name` is the grid's train_attack (`none` returns x
+    unchanged). `start`: where the attack starts instead of its own starting point (TRADES's
+    x + 0.001 * N(0, 1)). `params`: the attack's own parameters (MI-FGSM's decay) as sorted
+    (name, value) pairs, passed to it as keywords.
+
+    Built by `sweep.attack_defs.TrainAttackSpec.resolve`, which fills every field (step_size
+    included) from the attack's training protocol. Plain fields and the dataclass repr, since
+    it is logged; `log_params()` is its flat form for a run's params.
+    """
 
     name: str
     eps: float
     steps: int = 10
     step_size: float | None = None
     norm: str = "linf"
+    params: tuple[tuple[str, float], ...] = ()
 
     def __call__(
         self,
         model: nn.Module,
         x: torch.Tensor,
         objective: Callable[[torch.Tensor], torch.Tensor],
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return run_attack(
             self.name,
@@ -189,7 +199,21 @@ class TrainAttack:
             steps=self.steps,
             step_size=self.step_size,
             norm=self.norm,
+            start=start,
+            **dict(self.params),
         )
+
+    def log_params(self) -> dict[str, Any]:
+        """The attack as flat run params: train_attack_eps, _steps, _step_size, _norm and one
+        train_attack_<param> per parameter."""
+        out: dict[str, Any] = {
+            "train_attack_eps": self.eps,
+            "train_attack_steps": self.steps,
+            "train_attack_step_size": self.step_size,
+            "train_attack_norm": self.norm,
+        }
+        out.update({f"train_attack_{k}": v for k, v in self.params})
+        return out
 
 
 def student_step_loss(
