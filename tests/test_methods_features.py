@@ -1,5 +1,5 @@
-"""GACD (feature distillation, Bai et al. 2020) and CAP (confined adversarial polytopes, Hamidi &
-Ye 2024) against hand computations, their inner maximisations, and who gets gradients."""
+"""GACD (feature distillation, Bai et al. 2020) against hand computations, its inner maximisation,
+and who gets gradients. (CAP's tests are in test_cap.py.)"""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearLogits, py_kl, py_softmax
+from conftest import py_softmax
 from torch import nn
 
 from sweep.attacks import pgd
-from sweep.methods.cap import CAP
 from sweep.methods.gacd import GACD
 from sweep.models import build_model
 
@@ -190,148 +189,3 @@ def test_gacd_declares_itself_and_requires_its_hyperparameters():
     assert set(GACD.space) == {"tau", "distill_weight"}
     with pytest.raises(ValueError, match="distill_weight"):
         GACD({"tau": 0.1})
-
-
-# --- CAP ----------------------------------------------------------------------------------------
-
-
-def _cap_setup(seed=0, n=5, d=4, c=3):
-    g = torch.Generator().manual_seed(seed)
-    student = LinearLogits(2 * torch.randn(d, c, generator=g, dtype=torch.float64))
-    x = torch.rand(n, 1, 2, 2, generator=g, dtype=torch.float64)
-    # per-example radii differ: row i moves by at most 0.02 * (i + 1)
-    r = 0.02 * torch.arange(1, n + 1, dtype=torch.float64).view(n, 1, 1, 1)
-    x_adv = (x + r * torch.sign(torch.randn(x.shape, generator=g, dtype=torch.float64))).clamp(0, 1)
-    y = torch.randint(0, c, (n,), generator=g)
-    return student, x, x_adv, y
-
-
-def _cap_hand(student, x, x_adv, y, beta, gamma, points):
-    """CE(S(x)) + beta*KL(S(x)||S(x')) + gamma*mean_k KL(S(x)||S(x_k)) with plain arithmetic;
-    `points` is a list of K tensors shaped like x."""
-    w = _rows(student.w)
-
-    def probs(z):
-        rows = _rows(z.flatten(1))
-        return [
-            py_softmax([sum(a * w[i][j] for i, a in enumerate(r)) for j in range(len(w[0]))])
-            for r in rows
-        ]
-
-    p, q = probs(x), probs(x_adv)
-    n = len(p)
-    ce = -sum(math.log(p[i][k]) for i, k in enumerate(y.tolist())) / n
-    robust = sum(py_kl(p[i], q[i]) for i in range(n)) / n
-    spread = 0.0
-    for pt in points:
-        pk = probs(pt)
-        spread += sum(py_kl(p[i], pk[i]) for i in range(n)) / n
-    return ce + beta * robust + gamma * spread / max(len(points), 1)
-
-
-def test_cap_robust_term_matches_hand_computation():
-    student, x, x_adv, y = _cap_setup()
-    got = CAP({"beta": 6.0, "gamma": 0.0}).loss(student, [], x, x_adv, y).item()
-    expected = _cap_hand(student, x, x_adv, y, 6.0, 0.0, [])
-    assert expected - _cap_hand(student, x, x_adv, y, 0.0, 0.0, []) > 1e-3
-    assert got == pytest.approx(expected, rel=1e-9)
-
-
-def test_cap_full_loss_matches_hand_computation_with_the_same_random_points():
-    """The K random points are x + r_i * u, u = 2 * torch.rand(K, *x.shape) - 1 from torch's
-    generator, r_i = max |x'_i - x_i|, clipped to [0, 1] (the documented draw)."""
-    student, x, x_adv, y = _cap_setup(seed=1)
-    k = CAP.n_samples
-    torch.manual_seed(123)
-    got = CAP({"beta": 3.0, "gamma": 4.0}).loss(student, [], x, x_adv, y).item()
-    torch.manual_seed(123)
-    u = 2 * torch.rand((k, *x.shape), dtype=x.dtype) - 1
-    radius = torch.stack([(x_adv[i] - x[i]).abs().max() for i in range(len(x))])
-    points = [(x + radius.view(-1, 1, 1, 1) * u[j]).clamp(0, 1) for j in range(k)]
-    expected = _cap_hand(student, x, x_adv, y, 3.0, 4.0, points)
-    without = _cap_hand(student, x, x_adv, y, 3.0, 0.0, [])
-    assert expected - without > 1e-4  # the spread term is not vacuous
-    assert got == pytest.approx(expected, rel=1e-9)
-
-
-class _Recording(LinearLogits):
-    def __init__(self, w):
-        super().__init__(w)
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return super().forward(x)
-
-
-def test_cap_random_points_lie_in_the_ball_of_the_attack_and_in_the_data_range():
-    _, x, x_adv, y = _cap_setup(seed=2, n=6)
-    student = _Recording(torch.randn(4, 3, dtype=torch.float64))
-    CAP({"beta": 1.0, "gamma": 1.0}).loss(student, [], x, x_adv, y)
-    pts = student.inputs[-1].view(CAP.n_samples, *x.shape)
-    radius = (x_adv - x).abs().flatten(1).amax(1)
-    dist = (pts - x).abs().flatten(2).amax(2)  # [K, N]
-    assert (dist <= radius + 1e-12).all()
-    assert pts.min() >= 0 and pts.max() <= 1
-    assert (dist > 0.3 * radius).any()  # spread out, not collapsed onto x
-    assert not torch.equal(pts[0], pts[1])
-
-
-def test_cap_without_a_ball_adds_nothing():
-    """x' == x (no attack): radius 0, the random points are x, both KL terms vanish."""
-    student, x, _, y = _cap_setup(seed=3)
-    got = CAP({"beta": 10.0, "gamma": 5.0}).loss(student, [], x, x, y).item()
-    assert got == pytest.approx(F.cross_entropy(student(x), y).item(), rel=1e-12)
-
-
-def test_cap_inner_max_raises_the_kl_from_the_centre_and_stays_in_ball():
-    g = torch.Generator().manual_seed(6)
-    student = LinearLogits(3 * torch.randn(16, 4, generator=g))
-    x = torch.rand(32, 1, 4, 4, generator=g)
-    y = torch.randint(0, 4, (32,), generator=g)
-    m = CAP({"beta": 6.0, "gamma": 1.0})
-    x_adv = m.adversarial(student, [], x, y, attack)
-    noise = (x + 0.1 * (2 * torch.rand(x.shape, generator=g) - 1)).clamp(0, 1)
-    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
-
-    def kl(z):  # batchmean KL(S(x) || S(z)), independent of the method's helpers
-        with torch.no_grad():
-            p = F.softmax(student(x), 1)
-            return (p * (p.log() - F.log_softmax(student(z), 1))).sum(1).mean().item()
-
-    assert kl(x) == pytest.approx(0.0, abs=1e-7)
-    assert kl(x_adv) > 2 * kl(noise) and kl(x_adv) > 0.05
-
-
-def test_cap_inner_objective_is_zero_at_x_in_eval_mode():
-    """The centre is the student's eval-mode output (the mode the attack runs in), so the
-    objective starts at 0 on x even with batch-norm layers in training mode."""
-    torch.manual_seed(0)
-    student = build_model("small_cnn", in_channels=1, num_classes=10, mean=(0.5,), std=(0.25,))
-    student.train()
-    with torch.no_grad():
-        student(torch.rand(16, 1, 8, 8))  # non-trivial running statistics
-    x = torch.rand(4, 1, 8, 8)
-    obj = CAP({"beta": 6.0, "gamma": 1.0}).inner_objective(student, [], x, None)
-    assert student.training  # mode restored
-    with torch.no_grad():
-        assert obj(student.eval()(x)).item() == pytest.approx(0.0, abs=1e-6)
-        assert obj(student.eval()(x.flip(0))).item() > 0
-
-
-def test_cap_gradient_reaches_the_student_through_every_term():
-    student, x, x_adv, y = _cap_setup(seed=4)
-    CAP({"beta": 6.0, "gamma": 2.0}).loss(student, [], x, x_adv, y).backward()
-    g_full = student.w.grad.clone()
-    student.w.grad = None
-    F.cross_entropy(student(x), y).backward()
-    assert not torch.allclose(g_full, student.w.grad)
-
-
-def test_cap_declares_itself_and_requires_its_hyperparameters():
-    assert CAP.teacher_set == "none" and CAP.needs_attack and CAP.features is None
-    assert set(CAP.space) == {"beta", "gamma"}
-    assert CAP.space["beta"].low <= 6.0 <= CAP.space["beta"].high  # TRADES's beta
-    with pytest.raises(ValueError, match="gamma"):
-        CAP({"beta": 6.0})

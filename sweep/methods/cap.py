@@ -4,68 +4,174 @@ arXiv:2401.07991; the group of the MSE / MCMI teacher-loss papers). No teacher.
 
 The paper's idea: the *adversarial polytope* of x is the set of outputs S(x + delta) reachable
 from the eps-ball. If every training example's polytope is small enough not to cross a decision
-boundary, the network is robust. The paper estimates corner points of the polytope with several
-particles and adds to cross-entropy a penalty, weighted by lambda, that pulls the corners'
-outputs towards the polytope's centre.
+boundary, the network is robust. What we could read of the paper (its abstract and third-party
+summaries; not its method section, no code): N particles estimate corner points of each
+sample's polytope, and the loss is cross-entropy plus lambda times the distance of the corner
+outputs to the polytope's centre C_x. The distance, the centre, how the particles move, N and
+lambda were NOT recovered.
 
-THIS IS OUR READING, NOT A VERIFIED REPRODUCTION: we have not checked the paper's exact
-particle algorithm, distance or centre against its text or code. We implement
+OUR RECONSTRUCTION (not a verified reproduction), per example x with label y:
 
-    loss = CE(S(x), y) + beta * KL(S(x) || S(x')) + gamma * (1/K) sum_k KL(S(x) || S(x_k))
+    p(.)   = softmax(S(.)),  c = p(x)                       centre: the clean output
+    v_n    ~ N(0, I_C), centred (sum 0) and scaled to unit L2  one output direction per particle
+    x_n    = argmax_{x_n in B(x, eps)} <p(x_n), v_n>        n = 1..N, from a uniform start
+    loss   = CE(S(x), y) + lambda * (1/N) sum_n ||p(x_n) - c||_2^2
 
-- the centre of the polytope is the output at the clean input, S(x);
-- x' is the corner found by gradient ascent: it maximises KL(S(x) || S(x')) with S(x) fixed
-  (the sweep's training attack on that objective, as TRADES does), so the beta term is TRADES's
-  robust term and pulls the farthest corner found towards the centre;
-- the K = `n_samples` points x_k = clip(x + r * u_k, 0, 1), u_k ~ U[-1, 1]^d, are undriven
-  particles spread over the ball: the gamma term shrinks the polytope as a whole, not only at
-  the one corner an attack found. r is the ball's L-inf radius per example, read off x' as
-  max |x' - x| (the method is given the configured attack, not eps; for PGD and FGSM this is
-  eps unless every coordinate of an example was clipped, and the points stay inside the ball
-  whatever it is). The draws use torch's global generator: u = 2 * torch.rand(K, *x.shape) - 1.
-As in TRADES, the gradient flows through S(x) in both KL terms. With FGSM as the training
-attack (no random start) the KL objective has zero gradient at x and x' = x: use PGD.
+- Corners: the point of a (convex) polytope farthest along a direction v maximises <z, v>, and
+  is a vertex; so each particle climbs its own output direction v_n and different particles
+  reach different corners. Ascending the plain distance ||p - c|| instead would send every
+  particle to the same farthest corner (TRADES's single x'). The directions are centred because
+  probabilities sum to 1: only moves within the simplex exist. A direction in probability space
+  ends at the class its largest component names, so the N particles act as N soft targeted
+  attacks on different classes.
+- The search is the training attack's mechanics: the student in eval() (batch-norm statistics
+  untouched), signed steps for L-inf (L2-normalised for L2), projection onto the cell's training
+  attack's eps-ball (its eps and norm) and [0, 1] after each step; the attack's `steps`, and its
+  `step_size` (eps / 4 when unset). Directions and starts use torch's global generator.
+- Distance: squared L2 of softmax probabilities (bounded by 2, so lambda has a fixed scale; a
+  KL to a corner can be unbounded). The centre is S(x) under the training forward, and the
+  gradient flows through both S(x) and S(x_n), as in TRADES's KL.
+- One weight, `polytope_weight` (the paper's lambda; a distinct key, so a sweep file's global
+  search_space entry for it applies to no other method). N = `n_particles` = 4, a constant.
+- Cost: N x steps student gradients per batch (4x a PGD-AT step), plus one forward on N*B.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from ..losses import soft_kl, trades_loss
-from ..space import FloatParam
-from .base import METHODS
-from .trades import TRADES
+from ..attacks import ascent_direction, eval_mode, input_grad, project, project_l2, uniform_in_ball
+from ..fidelity import Fidelity
+from ..space import LogFloatParam
+from .base import METHODS, Method
+
+PROJECT = {"linf": project, "l2": project_l2}
 
 
-def ball_samples(x: torch.Tensor, x_adv: torch.Tensor, n: int) -> torch.Tensor:
-    """[n, *x.shape] uniform points in the L-inf ball of radius max|x' - x| (per example)
-    around x, clipped to [0, 1]."""
-    x, x_adv = x.detach(), x_adv.detach()
-    radius = (x_adv - x).abs().flatten(1).amax(dim=1).view(1, -1, *[1] * (x.dim() - 1))
-    u = 2 * torch.rand((n, *x.shape), device=x.device, dtype=x.dtype) - 1
-    return (x.unsqueeze(0) + radius * u).clamp(0.0, 1.0)
+@dataclass(frozen=True)
+class Ball:
+    """What a particle search takes from the cell's training attack (a `training.TrainAttack`):
+    the eps-ball and its norm, the number of steps and the step size (eps / 4 when unset)."""
+
+    eps: float
+    norm: str
+    steps: int
+    step_size: float
+
+    @classmethod
+    def of(cls, attack: Any, method: str) -> Ball:
+        if not all(hasattr(attack, a) for a in ("eps", "norm", "steps", "step_size")):
+            raise TypeError(
+                f"{method} runs its own particle search and needs the cell's training attack "
+                f"(a training.TrainAttack with eps, norm, steps, step_size), got {attack!r}"
+            )
+        if attack.norm not in PROJECT:
+            raise ValueError(f"{method}: norm {attack.norm!r}; allowed: {', '.join(PROJECT)}")
+        step = attack.step_size if attack.step_size is not None else attack.eps / 4
+        return cls(float(attack.eps), attack.norm, int(attack.steps), float(step))
+
+    def starts(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """[n, *x.shape]: n points uniform in the ball around each example, in [0, 1]."""
+        reps = x.detach().unsqueeze(0).expand(n, *x.shape).reshape(n * len(x), *x.shape[1:])
+        return uniform_in_ball(reps, self.eps, self.norm).view(n, *x.shape)
+
+    def step(self, p: torch.Tensor, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """One projected ascent step of every particle p[n] (around x) along `direction`:
+        sign for L-inf, L2-normalised per particle for L2."""
+        flat = p.flatten(0, 1)
+        d = ascent_direction(direction.flatten(0, 1), self.norm)
+        centre = x.unsqueeze(0).expand_as(p).flatten(0, 1)
+        return PROJECT[self.norm](flat + self.step_size * d, centre, self.eps).view_as(p)
+
+
+def output_directions(n: int, batch: int, classes: int, like: torch.Tensor) -> torch.Tensor:
+    """[n, batch, classes] random unit directions in the probability simplex's tangent space
+    (each sums to 0), one per particle and example."""
+    v = torch.randn(n, batch, classes, device=like.device, dtype=like.dtype)
+    v = v - v.mean(dim=2, keepdim=True)
+    return v / v.norm(dim=2, keepdim=True).clamp_min(1e-12)
+
+
+def corner_particles(
+    model: nn.Module,
+    x: torch.Tensor,
+    directions: torch.Tensor,
+    ball: Ball,
+    starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[N, *x.shape]: particle n of example i maximises <softmax(model(x_n,i)), v_n,i> over the
+    ball (projected signed ascent from `starts`, uniform in the ball by default), the model in
+    eval() as in an attack. Detached."""
+    n = directions.shape[0]
+    x = x.detach()
+    p = ball.starts(x, n) if starts is None else starts.detach().clone()
+    v = directions.detach().flatten(0, 1)
+
+    def objective(logits: torch.Tensor) -> torch.Tensor:
+        return (F.softmax(logits, dim=1) * v).sum()
+
+    with eval_mode(model):
+        for _ in range(ball.steps):
+            grad = input_grad(model, p.flatten(0, 1), objective).view_as(p)
+            p = ball.step(p, x, grad)
+    return p.detach()
+
+
+def polytope_spread(particle_logits: torch.Tensor, centre_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over particles and examples of ||softmax(particle) - softmax(centre)||_2^2.
+    particle_logits: [N, B, C]; centre_logits: [B, C]."""
+    diff = F.softmax(particle_logits, dim=2) - F.softmax(centre_logits, dim=1).unsqueeze(0)
+    return diff.pow(2).sum(dim=2).mean()
+
+
+def cap_loss(
+    clean_logits: torch.Tensor, particle_logits: torch.Tensor, y: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """CE(S(x), y) + lam * polytope_spread (see the module docstring)."""
+    return F.cross_entropy(clean_logits, y) + lam * polytope_spread(particle_logits, clean_logits)
 
 
 @METHODS.register("cap")
-class CAP(TRADES):
-    """TRADES's inner maximisation and loss, plus the gamma term over random points."""
+class CAP(Method):
+    """Particles climb their own output direction to corners of the polytope; the loss pulls
+    the corners' outputs towards the clean output."""
 
     summary = (
-        "CAP (our reading): CE(S(x)) + beta*KL(S(x)||S(x')) + gamma*mean_k KL(S(x)||S(x_k)), "
-        "x' maximising the KL, x_k uniform in the ball"
+        "CAP (reconstruction): CE(S(x), y) + lambda * mean_n ||p(x_n) - p(x)||^2, x_n the N "
+        "particles that climb random output directions to corners of the adversarial polytope"
     )
-    n_samples: ClassVar[int] = 2  # random particles per example (a constant, not searched)
-    space = {"beta": FloatParam(low=1.0, high=10.0), "gamma": FloatParam(low=0.0, high=5.0)}
+    teacher_set = "none"
+    needs_attack = True
+    inner_max = "N particles, each <softmax(S(x_n)), v_n> for its own random direction v_n"
+    n_particles: ClassVar[int] = 4
+    space = {"polytope_weight": LogFloatParam(low=0.5, high=50.0)}
+    paper_default: ClassVar[dict[str, Any]] = {}  # lambda and N not recovered
+    fidelity = Fidelity(
+        "reconstruction",
+        "Hamidi & Ye 2024, arXiv:2401.07991 (abstract and third-party summaries only; method "
+        "section and code not read)",
+        (
+            "corner search is ours: each particle climbs a random centred direction of the "
+            "softmax output with the training attack's signed projected steps",
+            "the centre is the clean output p(x); the distance is squared L2 of probabilities",
+            "N = 4 particles and the lambda range are ours; no paper default",
+        ),
+    )
+
+    def adversarial(self, student, teachers, x, y, attack) -> list[torch.Tensor]:
+        ball = Ball.of(attack, "cap")
+        with torch.no_grad(), eval_mode(student):
+            classes = student(x[:1]).shape[1]
+        v = output_directions(self.n_particles, len(x), classes, x)
+        return list(corner_particles(student, x, v, ball))
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
-        beta, gamma = self.hp["beta"], self.hp["gamma"]
+        particles = torch.cat(list(x_adv))
         logits = student(x)
-        loss = trades_loss(logits, student(x_adv), y, beta)
-        if gamma > 0 and self.n_samples > 0:
-            pts = ball_samples(x, x_adv, self.n_samples).flatten(0, 1)
-            # batchmean over the n*N points = the mean over k of each point set's batchmean KL
-            spread = soft_kl(student(pts), logits.repeat(self.n_samples, 1))
-            loss = loss + gamma * spread
-        return loss
+        p_logits = student(particles).view(len(x_adv), len(x), -1)
+        return cap_loss(logits, p_logits, y, self.hp["polytope_weight"])
