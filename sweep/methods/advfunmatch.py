@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import AttackObjective
+from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam
 from .base import METHODS, Method
@@ -69,6 +70,19 @@ class AdvFunMatch(Method):
     needs_attack = True
     inner_max = "KL(teacher(x') || student(x')), both networks on x' (mismatched examples)"
     space = {"temperature": FloatParam(low=1.0, high=8.0)}
+    paper_default = {"temperature": 1.0}  # the paper's objective is the plain KL
+    fidelity = Fidelity(
+        "paper-text",
+        "Wu, Gao, Zhou & Wang 2023, AdvFunMatch: When Consistent Teaching Meets Adversarial "
+        "Robustness (arXiv 2305.14700); no code read",
+        (
+            "The temperature is ours: the paper's objective is the plain KL (T = 1, the "
+            "paper_default); at T > 1 the inner max and the loss both use the softened KL times "
+            "T^2.",
+            "The strong augmentation the paper finds helpful (AutoAugment, per image) is not part "
+            "of the method: it applies only when the sweep's dataset asks for it.",
+        ),
+    )
 
     def adversarial(self, student, teachers, x, y, attack) -> torch.Tensor:
         both = StudentTeacher(student, teachers[0])

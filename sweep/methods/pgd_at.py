@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..fidelity import Fidelity
 from .base import METHODS, Method
 
 
@@ -25,6 +26,17 @@ class PGDAT(Method):
     needs_attack = True
     inner_max = "student cross-entropy"
     space = {}
+    paper_default = {}  # no hyperparameters (eps, steps, step size are the train_attack's)
+    fidelity = Fidelity(
+        "authors-code",
+        "Madry et al., ICLR 2018, Towards Deep Learning Models Resistant to Adversarial Attacks; "
+        "github.com/MadryLab/cifar10_challenge train.py and model.py (commit 2fbf5bb)",
+        (
+            "Their attack runs the network built in training mode (batch norm on batch "
+            "statistics, its running averages updated by every attack step); ours attacks the "
+            "student in eval mode.",
+        ),
+    )
 
     def loss(self, student, teachers, x, x_adv, y) -> torch.Tensor:
         return F.cross_entropy(student(x_adv), y)

@@ -19,8 +19,9 @@ keep summing to 1 as in the paper (5/6 lies inside the default range).
 Deviations from the authors' code, and why:
 - Their outer KLs are `torch.mean` over batch *and classes* (their README notes this and
   multiplies CIFAR-100's loss by 10 to compensate), with log(p + 1e-5); here the KL is batchmean
-  (DESIGN §3.5), so the loss is C times theirs (10 on CIFAR-10): the learning rate found by the
-  sweep absorbs that constant.
+  (DESIGN §3.5), so the loss is C times theirs (10 on CIFAR-10). Under SGD with weight decay
+  that is theirs with the learning rate times C and the weight decay divided by C; the sweep's
+  learning rate absorbs the first, not the second.
 - Their inner search starts at x + 0.001 * N(0, 1); here the attack comes from the cell's
   train_attack axis (PGD starts uniformly in the eps-ball). Unlike TRADES's, the objective is not
   flat at x' = x (S(x) differs from T(x)), so FGSM from x also moves.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..attacks import AttackObjective, kl_objective
+from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam
 from .base import METHODS, Method
@@ -43,6 +45,19 @@ class RSLAD(Method):
     needs_attack = True
     inner_max = "KL(T(x) || S(x')), the teacher's clean soft labels as target"
     space = {"adv_weight": FloatParam(low=0.5, high=0.95)}
+    paper_default = {"adv_weight": 5 / 6}
+    fidelity = Fidelity(
+        "authors-code",
+        "Zi et al., ICCV 2021, Revisiting Adversarial Robustness Distillation: Robust Soft Labels "
+        "Make Student Better; github.com/zibojia/RSLAD (rslad_loss.py, resnet18_rslad_cifar10.py)",
+        (
+            "Their outer KLs average over the classes as well as the batch; ours is batchmean, so "
+            "our loss is C times theirs (learning rate times C, weight decay divided by C).",
+            "Their KL takes log(p + 1e-5) of the probabilities; ours is exact (log_softmax).",
+            "Their inner maximisation starts at x + 0.001 N(0, 1); ours starts as the cell's "
+            "train_attack does (PGD: uniform in the eps-ball).",
+        ),
+    )
 
     def inner_objective(self, student, teachers, x, y) -> AttackObjective:
         # T(x) is computed here once for the batch; loss() gets the same tensor back
