@@ -7,7 +7,9 @@ a renamed field breaks silently in one of them; here it breaks at once, in one p
 A trial's identity in its cell is `number`: the Optuna trial's number in the cell's study. It
 names the trial's checkpoint folder and MLflow run, and sets its seed (sweep seed + number), so
 cells share seeds trial for trial (paired comparisons). Seed repeats of a cell's best
-configuration keep its number and add `repeat` = 1..N with a new seed.
+configuration keep its number and add `repeat` = 1..N with a new seed. A refit of a cell's best
+configuration (spec.refit) keeps its number and seed and sets `refit`: it trains on train +
+validation for the final numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TrialConfig:
     number: int = 0  # the Optuna trial's number in the cell's study
     repeat: int = 0  # k-th seed repeat of the configuration; 0 for the tuned trial
     trial_id: str = ""  # Tune's id of the trial running it now (changes on restore)
+    refit: bool = False  # retrained on train + validation after tuning (refit.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
@@ -44,6 +47,7 @@ class TrialConfig:
             number=int(d["number"] if "number" in d else d["cell_index"]),  # before 0.1.1
             repeat=int(d.get("repeat") or 0),
             trial_id=str(d.get("trial_id") or ""),
+            refit=bool(d.get("refit") or False),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,9 +68,14 @@ class TrialConfig:
     def key(self) -> str:
         """Where this trial's checkpoints live: its configuration's folder, and for the k-th
         seed repeat a `repeat-k` folder inside it."""
+        if self.refit:
+            return self.config_key + "/refit"
         return self.config_key + (f"/repeat-{self.repeat}" if self.repeat else "")
 
     @property
     def label(self) -> str:
-        """The readable name (the MLflow run name): `<cell>#<number>`, `.r<k>` for a repeat."""
+        """The readable name (the MLflow run name): `<cell>#<number>`, `.r<k>` for a repeat,
+        `.refit` for a refit."""
+        if self.refit:
+            return f"{self.cell}#{self.number}.refit"
         return f"{self.cell}#{self.number}" + (f".r{self.repeat}" if self.repeat else "")

@@ -345,6 +345,45 @@ def _finalize_early_stopped(ctx: SweepContext, results: Any, embedded: bool) -> 
     return len(failures)
 
 
+def _refit_best(ctx: SweepContext, embedded: bool) -> int:
+    """spec.refit: retrain each cell's best configuration on train + validation for its final
+    numbers, a run of kind `refit` tagged with the tuned run it retrains (`refit_of`). A refit
+    finished before is left alone, one cut short continues from its checkpoint, so a resumed
+    sweep only does what is missing. Returns how many failed (each recorded on its run)."""
+    spec = ctx.spec
+    if not spec.refit:
+        return 0
+    searcher = CellSearcher(spec, ctx.layout.optuna_url)
+    todo = [c for cell in spec.cells() if (c := searcher.refit_config(cell)) is not None]
+    if not todo:
+        return 0
+    print(
+        f"refitting the best configuration of {len(todo)} cells on train + validation ...",
+        flush=True,
+    )
+    metric = f"test/robust_acc/{spec.evaluation.attacks[0].key}" if spec.evaluation.attacks else ""
+
+    def refit(config: TrialConfig) -> str | None:
+        try:
+            run_trial(ctx, config, lambda metrics, state: None)
+        except Exception as e:  # the run is FAILED with its reason; the others go on
+            return f"{config.label}: refit failed: {type(e).__name__}: {e}"
+        run_id = ctx.checkpoints().run_id(config.key)
+        got = ctx.tracker().metrics(run_id) if run_id else {}
+        shown = ", ".join(
+            f"{k.removeprefix('test/')}={got[k]:.4f}"
+            for k in ("test/clean_acc", metric)
+            if k in got
+        )
+        print(f"refit {config.label}: {shown}", flush=True)
+        return None
+
+    failures = [f for f in _with_trial_resources(ctx, refit, todo, embedded) if f]
+    for f in failures:
+        print(f"warning: {f}", flush=True)
+    return len(failures)
+
+
 def _train_teachers_first(ctx: SweepContext, embedded: bool) -> None:
     """The teacher cache's lock guards one machine; on an object store, trials on several
     machines could each train the same teacher. There the driver has every missing teacher
@@ -556,6 +595,7 @@ def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool, console: SweepCon
         return False
     failed = sum(r.error is not None for r in results)
     failed += _finalize_early_stopped(ctx, results, embedded)
+    failed += _refit_best(ctx, embedded)
     tracker.set_tags(ctx.parent_run_id, {"trials": str(len(results)), "failed": str(failed)})
     tracker.finish(ctx.parent_run_id)
     print(

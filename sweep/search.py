@@ -118,7 +118,17 @@ class CellSearcher(Searcher):
                 sampler=make_sampler(self.spec, position),
                 load_if_exists=True,
             )
+            self._start_with_paper(self._studies[key], key)
         return self._studies[key]
+
+    def _start_with_paper(self, study: optuna.Study, key: str) -> None:
+        """A new cell's first trial is its method's paper setting (spec.paper_start); tuning
+        starts from the second. Enqueued once, when the study is still empty: a resumed sweep
+        finds the trial asked or still waiting in the storage."""
+        method = next(c.method for c in self.cells if c.key == key)
+        params, _ = self.spec.paper_start(method)
+        if params and not study.get_trials(deepcopy=False):
+            study.enqueue_trial(params, user_attrs={"paper_default": True})
 
     def _storage_id(self, key: str, number: int) -> int:
         """The storage's id of trial `number` of the cell's study: asked once per trial (it
@@ -140,6 +150,8 @@ class CellSearcher(Searcher):
             for t in self.study(cell.key).get_trials(deepcopy=False):
                 if t.state.is_finished():  # also those told after the snapshot
                     self.ended[cell.key].add(t.number)
+                if t.state == optuna.trial.TrialState.WAITING:
+                    continue  # enqueued, never asked: the next ask() takes it
                 if t.number not in handed:
                     found.append((t.datetime_start, cell.key, t.number))
         self.orphans += [(key, number) for _, key, number in sorted(found)]  # as first asked
@@ -196,6 +208,14 @@ class CellSearcher(Searcher):
         trials = self.study(key).get_trials(deepcopy=False)
         best = selection.best(selection.from_optuna(trials, obj), obj)
         return best.first.ref if best else None
+
+    def refit_config(self, cell: Cell) -> TrialConfig | None:
+        """The refit of the cell's best configuration (spec.refit): its number, seed and
+        hyperparameters, trained on train + validation. None if no trial finished."""
+        best = self.best_trial(cell.key)
+        if best is None:
+            return None
+        return replace(self._config(cell, best.number, best.params, ""), refit=True)
 
     def _config(
         self, cell: Cell, number: int, params: dict[str, Any], trial_id: str

@@ -114,3 +114,14 @@ def describe(p: ParamValue) -> str | float | int | bool:
     if isinstance(p, CategoricalParam):
         return "{" + ", ".join(map(str, p.choices)) + "}"
     return p
+
+
+def contains(p: ParamValue, value: Any) -> bool:
+    """Whether a searched range admits `value` (a fixed value admits only itself)."""
+    if isinstance(p, CategoricalParam):
+        return value in p.choices
+    if isinstance(p, _Range | IntParam):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return p.low <= value <= p.high and (not isinstance(p, IntParam) or value == int(value))
+    return p == value

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +22,7 @@ from .data import DATASETS
 from .evaluate import EVAL_ATTACKS, evaluation_attack_names
 from .methods import METHODS
 from .models import MODELS
-from .space import ParamValue, StrictModel
+from .space import ParamValue, StrictModel, contains, describe, is_searched
 from .store import URI_SCHEMES, is_remote
 from .teacher_defs import (
     MissingTeacher,
@@ -79,7 +79,9 @@ class OptimSpec(StrictModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(
+        2e-4, ge=0, description="2e-4 as TRADES, ARD, RSLAD and MTARD train on CIFAR-10"
+    )
     batch_size: int = Field(128, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
 
@@ -347,6 +349,12 @@ class SweepSpec(StrictModel):
         description="re-run each cell's best configuration (by the validation objective) with "
         "this many new seeds once the cell's tuning has ended, for mean ± std in the report",
     )
+    refit: bool = Field(
+        False,
+        description="once a cell's tuning has ended, retrain its best configuration on "
+        "train + validation (the whole training split, as the literature does) for its final "
+        "test numbers, logged as a run of its own linked to the tuned one",
+    )
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     compute: ComputeSpec = ComputeSpec()
@@ -457,10 +465,10 @@ class SweepSpec(StrictModel):
 
     def all_teachers(self) -> list[TeacherDef]:
         """Each distinct teacher of the sweep once (by content, not by label)."""
-        out: dict[tuple, TeacherDef] = {}
+        out: dict[TeacherDef, TeacherDef] = {}
         for cell in self.cells():
             for t in self.cell_teachers(cell):
-                out.setdefault((t.loss, t.params, t.arch, t.epochs, t.seed), t)
+                out.setdefault(replace(t, label=""), t)
         return list(out.values())
 
     @property
@@ -468,8 +476,10 @@ class SweepSpec(StrictModel):
         return self.objective if isinstance(self.objective, list) else [self.objective]
 
     def cells(self) -> list[Cell]:
-        """Every combination of the grid, minus meaningless ones (see Cell)."""
+        """Every combination of the grid, minus meaningless ones (see Cell) and minus cells
+        that are another cell of the grid under a second name (`same_cells`)."""
         out: dict[str, Cell] = {}
+        dropped = {c.key for c, _ in self.same_cells()}
         for method in self.grid.method:
             info = METHODS.get(method)
             for attack in self.grid.train_attack:
@@ -478,8 +488,21 @@ class SweepSpec(StrictModel):
                 losses = list(self.teacher_variants()) if info.teacher_set != "none" else ["none"]
                 for loss in losses:
                     cell = Cell(loss, method, attack)
-                    out.setdefault(cell.key, cell)
+                    if cell.key not in dropped:
+                        out.setdefault(cell.key, cell)
         return list(out.values())
+
+    def same_cells(self) -> list[tuple[Cell, Cell]]:
+        """(dropped, kept) pairs: cells of the grid that compute exactly what another cell of
+        the grid computes. `ce` with a training attack is `pgd_at` with that attack (the same
+        loss, CE(S(x'), y), and the same inner maximisation); a grid holding both would run the
+        cell twice and get identical numbers in every metric, so it runs once, as pgd_at."""
+        out = []
+        if "ce" in self.grid.method and "pgd_at" in self.grid.method:
+            for attack in self.grid.train_attack:
+                if attack != "none":
+                    out.append((Cell("none", "ce", attack), Cell("none", "pgd_at", attack)))
+        return out
 
     def cell_space(self, method: str) -> dict[str, Any]:
         """The resolved search space of a method's cells: method defaults, then the file's
@@ -491,6 +514,22 @@ class SweepSpec(StrictModel):
                 space[k] = v
         space.update(self.method_search_space.get(method, {}))
         return space
+
+    def paper_start(self, method: str) -> tuple[dict[str, Any], list[str]]:
+        """(params, notes): the method's paper setting (`Method.paper_default`) for the
+        hyperparameters its cells search, which each cell's first trial runs before tuning
+        starts. A value outside the file's range for it is left to the sampler, and a note
+        says so; keys the file fixes keep the file's value."""
+        space = self.cell_space(method)
+        params, notes = {}, []
+        for k, v in METHODS.get(method).paper_default.items():
+            if k not in space or not is_searched(space[k]):
+                continue
+            if contains(space[k], v):
+                params[k] = v
+            else:
+                notes.append(f"{method}: paper's {k}={v} is outside the range {describe(space[k])}")
+        return params, notes
 
     def teacher_seed(self) -> int:
         return self.seed if self.teacher.seed is None else self.teacher.seed

@@ -136,11 +136,13 @@ def _student_run(
         tracker.resume_run(resume_run, {"trial_id": config.trial_id, **where})
         return resume_run
     repeat = {"repeat": str(config.repeat)} if config.repeat else {}
+    if config.refit:  # its own kind: never a candidate of the tuning's selection rule
+        repeat = {"refit_of": tuned_run_id(ctx, config) or "", "data": "train+val"}
     run_id = tracker.start_run(
         config.label,
         params=trial_params(spec, config),
         tags={
-            "kind": "student",
+            "kind": "refit" if config.refit else "student",
             "sweep": spec.name,
             "cell": config.cell,
             "config_key": config.config_key,
@@ -170,6 +172,12 @@ def method_parts(method: Any) -> nn.Module | None:
     if parts is not None:
         parts.train()
     return parts
+
+
+def tuned_run_id(ctx: SweepContext, config: TrialConfig) -> str | None:
+    """The MLflow run of the tuned trial a refit retrains (its configuration's seed-0 run)."""
+    tuned = TrialConfig.from_dict({**config.to_dict(), "refit": False, "repeat": 0})
+    return ctx.checkpoints().run_id(tuned.key)
 
 
 class TrialFailed(RuntimeError):
@@ -213,6 +221,8 @@ def run_trial(
     teachers, records = get_teachers(ctx, spec.cell_teachers(config.grid_cell), data, device)
     t_hash = ",".join(r.hash for r in records)
     seed_everything(config.seed)
+    if config.refit:  # teachers stay as tuned (trained on train only); the student sees val too
+        data = data.refit()
 
     fast = fast_path(spec, device)
     student = new_model(spec.student.arch, data, device, fast)
@@ -261,7 +271,9 @@ def run_trial(
                 optimizer=opt,
                 schedule=sched,
             )
-            metrics = {"train/loss": train_loss, **validation_metrics(spec, student, data)}
+            metrics = {"train/loss": train_loss}
+            if not config.refit:  # a refit has no validation split left to measure on
+                metrics |= validation_metrics(spec, student, data)
             tracker.log_metrics(run_id, metrics, step=epoch, logged=logged)
             if epoch == spec.budget.epochs:  # before the last report: Tune may stop us there
                 finalize(ctx, student, data, run_id, epoch)

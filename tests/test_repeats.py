@@ -1,5 +1,6 @@
-"""`repeats: N` end to end: a real sweep re-runs each cell's best configuration with N new seeds
-(real Ray, Optuna, MLflow), and `sweep report` / `sweep status` count them as one configuration."""
+"""`repeats: N` and `refit` end to end: a real sweep re-runs each cell's best configuration with
+N new seeds (real Ray, Optuna, MLflow), and `sweep report` / `sweep status` count them as one
+configuration; with `refit: true` it then retrains each best on train + validation."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def repeated(tmp_path_factory):
         grid={"teacher_loss": ["ce"], "method": ["kd", "ce"], "train_attack": ["pgd"]},
         search_space={"lr": {"type": "log_float", "low": 0.01, "high": 0.2}},
         repeats=REPEATS,
+        refit=True,
         evaluation={
             "attacks": ["fgsm"],
             "val_attack": "pgd5",
@@ -104,3 +106,30 @@ def test_report_and_status_count_the_repeats_as_one_configuration(repeated):
     status = _cli(tmp, "status", "rep2")
     rows = [x for x in status.splitlines() if x.startswith(("ce.kd.pgd", "none.ce.pgd"))]
     assert len(rows) == 2 and all(f"{REPEATS}/{REPEATS}" in x.split() for x in rows)
+
+
+def test_refit_retrains_each_cells_best_on_train_plus_validation(repeated):
+    tmp, out, runs, state = repeated
+    assert "refitting the best configuration of 2 cells on train + validation" in out
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rep2")
+    refits = client.search_runs([exp.experiment_id], "tags.kind = 'refit'", max_results=100)
+    assert sorted(r.data.tags["cell"] for r in refits) == ["ce.kd.pgd", "none.ce.pgd"]
+    storage = optuna.storages.RDBStorage(state["optuna"])
+    by_id = {r.info.run_id: r for r in runs}
+    for r in refits:
+        cell = r.data.tags["cell"]
+        study = optuna.load_study(study_name=f"rep2/{cell}", storage=storage)
+        best = max(study.trials, key=lambda t: (t.value, -t.number))
+        tuned = by_id[r.data.tags["refit_of"]]  # the tuned run it retrains, linked
+        assert "repeat" not in tuned.data.tags and tuned.data.tags["cell"] == cell
+        assert int(tuned.data.tags["optuna_trial"]) == best.number
+        assert r.info.status == "FINISHED" and r.data.tags["data"] == "train+val"
+        assert r.info.run_name == f"{tuned.info.run_name}.refit"
+        assert r.data.params["lr"] == tuned.data.params["lr"]
+        assert r.data.params["seed"] == tuned.data.params["seed"]
+        assert "test/clean_acc" in r.data.metrics and "train/loss" in r.data.metrics
+        assert not any(k.startswith("val/") for k in r.data.metrics)  # val was trained on
+        # the same configuration and seed on more data: another student
+        assert r.data.metrics["train/loss"] != tuned.data.metrics["train/loss"]
+        assert r.info.run_name in out  # a line per refit

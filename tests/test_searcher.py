@@ -227,3 +227,27 @@ def test_a_trial_config_is_a_dict_only_at_tunes_boundary(tmp_path):
     assert config.to_dict() == handed and config.trial_id == "t0"
     old = {k: v for k, v in handed.items() if k != "number"} | {"cell_index": config.number}
     assert TrialConfig.from_dict(old) == config
+
+
+def test_each_cells_first_trial_runs_the_papers_setting_then_tuning_starts(tmp_path, monkeypatch):
+    from sweep.methods import METHODS
+
+    # KD's declared setting, here one in the file's range and one outside it
+    monkeypatch.setattr(METHODS.get("kd"), "paper_default", {"temperature": 3.0, "alpha": 0.9})
+    spec, s = _searcher(tmp_path)
+    params, notes = spec.paper_start("kd")
+    assert params == {"temperature": 3.0} and "alpha=0.9 is outside the range" in notes[0]
+    configs = [s.suggest(f"t{i}") for i in range(8)]
+    kd = [c for c in configs if c["method"] == "kd"]
+    firsts = [c for c in kd if c["number"] == 0]
+    assert len(firsts) == 2 and all(c["hp"]["temperature"] == 3.0 for c in firsts)
+    assert all(0.2 <= c["hp"]["alpha"] <= 0.8 for c in firsts)  # sampled, in range
+    assert not any(c["hp"]["temperature"] == 3.0 for c in kd if c["number"] == 1)
+    study = optuna.load_study(study_name=f"tiny/{firsts[0]['cell']}", storage=s.optuna_url)
+    assert study.trials[0].user_attrs == {"paper_default": True}
+    # a restored searcher does not enqueue it again nor hand out the asked trial twice
+    import pickle
+
+    again = pickle.loads(pickle.dumps(s))
+    assert again.reconcile() == []
+    assert len(again.study(firsts[0]["cell"]).trials) == 2
