@@ -64,8 +64,8 @@ def _batch(n: int = 16, seed: int = 0, channels: int = 1, size: int = 8):
     return x, y
 
 
-def _attack(model, x, objective):
-    return pgd(model, x, objective, eps=EPS, steps=2)
+def _attack(model, x, objective, start=None):
+    return pgd(model, x, objective, eps=EPS, steps=2, start=start)
 
 
 def _no_attack(model, x, objective):

@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from conftest import LinearLogits, py_kl, py_softmax
 from torch import nn
 
-from sweep.attacks import pgd
+from sweep.attacks import ATTACKS, eval_mode, input_grad, pgd
 from sweep.methods.ard import ARD
 from sweep.methods.iad import IAD
 from sweep.methods.pgd_at import PGDAT
 from sweep.methods.rslad import RSLAD
 from sweep.methods.trades import TRADES
+from sweep.models import build_model
+from sweep.training import TrainAttack
 
 EPS = 0.1
 PAPER_HP = {
@@ -27,8 +29,8 @@ PAPER_HP = {
 }
 
 
-def attack(model, xx, obj):
-    return pgd(model, xx, obj, eps=EPS, steps=5)
+def attack(model, xx, obj, start=None):
+    return pgd(model, xx, obj, eps=EPS, steps=5, start=start)
 
 
 # --- hand arithmetic, independent of torch's softmax / kl_div ---------------------------------
@@ -173,8 +175,87 @@ def test_trades_inner_target_is_the_student_in_eval_mode():
         return (log_p.exp() * (log_p - logits.log_softmax(1))).sum()
 
     torch.manual_seed(7)
-    expected = pgd(student, x, objective, eps=EPS, steps=5)
+    expected = pgd(student, x, objective, eps=EPS, steps=5, start=x + 0.001 * torch.randn_like(x))
     assert torch.equal(got, expected)
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps every input it is called on: the target's, then the iterates."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n != "none"])
+def test_trades_search_starts_at_x_plus_a_tiny_gaussian_with_every_attack(name):
+    """The authors' start x + 0.001 * N(0, 1) reaches each attack (FGSM and MI-FGSM would
+    otherwise start at x, where the KL is flat); the result stays in the ball and [0, 1]."""
+    student, _, x, _, y = _nets(4)
+    rec = Recorder(student)
+    train_attack = TrainAttack(name, EPS, steps=3, step_size=EPS / 4)
+    torch.manual_seed(11)
+    x_adv = TRADES({"beta": 6.0}).adversarial(rec, [], x, y, train_attack)
+    torch.manual_seed(11)
+    start = x + 0.001 * torch.randn_like(x)
+    assert torch.equal(rec.seen[0], x)  # the fixed target p_S(x)
+    assert torch.equal(rec.seen[1], start)  # the first gradient is taken at the start
+    _in_ball(x_adv, x)
+
+
+def test_trades_with_no_attack_trains_on_clean_inputs():
+    student, _, x, _, y = _nets(4)
+    x_adv = TRADES({"beta": 6.0}).adversarial(student, [], x, y, TrainAttack("none", EPS))
+    assert torch.equal(x_adv, x)
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    m = build_model("small_cnn", in_channels=1, num_classes=10, mean=(0.3,), std=(0.4,))
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(64, 1, 8, 8))  # non-trivial batch-norm statistics
+    g = torch.Generator().manual_seed(1)
+    return m, torch.rand(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+
+def _steep_linear():
+    g = torch.Generator().manual_seed(6)
+    m = LinearLogits(3 * torch.randn(64, 4, generator=g))
+    x = 0.2 + 0.6 * torch.rand(32, 1, 8, 8, generator=g)
+    return m, x, torch.randint(0, 4, (32,), generator=g)
+
+
+@pytest.mark.parametrize("net", [_small_cnn, _steep_linear], ids=["small_cnn", "linear"])
+@pytest.mark.parametrize(("name", "steps", "step"), [("fgsm", 1, 1.0), ("mifgsm", 10, 0.1)])
+def test_trades_x_adv_is_an_ascent_not_sign_noise_of_a_round_off_gradient(name, steps, step, net):
+    """Issue 17 bug 1. At x' = x the KL is flat: its gradient is round-off (orders of magnitude
+    below the one at x + 0.001 * N(0, 1)), so an attack starting there steps along noise (or not
+    at all). From TRADES's start the single-step and momentum attacks find an x' whose KL is
+    well above that of random +-eps corners of the ball."""
+    model, x, y = net()
+    eps = 0.1
+    method = TRADES({"beta": 6.0})
+    objective = method.inner_objective(model, [], x, y)
+    torch.manual_seed(2)
+    with eval_mode(model):
+        at_x = input_grad(model, x, objective).norm()
+        at_start = input_grad(model, x + 0.001 * torch.randn_like(x), objective).norm()
+    assert at_x < 1e-2 * at_start
+
+    def kl(z):
+        with torch.no_grad(), eval_mode(model):
+            return objective(model(z)).item()
+
+    corners = [kl((x + eps * torch.randn_like(x).sign()).clamp(0, 1)) for _ in range(16)]
+    x_adv = method.adversarial(model, [], x, y, TrainAttack(name, eps, steps, step * eps))
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert kl(x_adv) > 3 * max(corners)
 
 
 # --- iad ---------------------------------------------------------------------------------------
