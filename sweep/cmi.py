@@ -25,6 +25,8 @@ instead of NaN (0 * log 0 is then 0, as it should be).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,41 @@ def class_centroids(probs: torch.Tensor, y: torch.Tensor, num_classes: int) -> t
     uniform = torch.full_like(sums, 1.0 / c)
     present = (counts > 0).unsqueeze(1)
     return torch.where(present, sums / counts.clamp_min(1).unsqueeze(1), uniform)
+
+
+@torch.no_grad()
+def full_pass_centroids(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    batch_size: int,
+    *,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Class means of `model`'s softmax outputs over one pass of (x, y), as the MCMI authors set
+    their centroids before fine-tuning: shuffled batches of `batch_size`, each augmented as in
+    training, the model in **train** mode (their code calls model.train(); batch-norm then
+    normalises with batch statistics and updates its running ones, as it did for them). No
+    gradient. Each submodule's mode is restored afterwards.
+
+    Shuffled (the global torch RNG) because in train mode a batch's composition changes its
+    outputs, and their loader shuffles."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        order = torch.randperm(len(x), device=x.device)
+        probs, labels = [], []
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            xb = x[idx] if augment is None else augment(x[idx])
+            probs.append(F.softmax(model(xb).float(), dim=1))
+            labels.append(y[idx])
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    p = torch.cat(probs)
+    return class_centroids(p, torch.cat(labels).to(p.device), num_classes)
 
 
 def cmi(

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from conftest import py_kl
 from torch import nn
 
-from sweep.cmi import class_centroids, cmi, ncmi, output_metrics, separation
+from sweep.cmi import (
+    class_centroids,
+    cmi,
+    full_pass_centroids,
+    ncmi,
+    output_metrics,
+    separation,
+)
 
 
 def _h(p, q):
@@ -113,3 +120,17 @@ def test_output_metrics_are_those_of_the_eval_mode_softmax_and_modes_are_restore
     assert got["separation"] == pytest.approx(separation(probs, y).item(), rel=1e-5)
     assert got["ncmi"] == pytest.approx(ncmi(probs, y).item(), rel=1e-5)
     assert all(m.training for m in model.modules())
+
+
+def test_full_pass_centroids_are_class_means_in_train_mode_and_modes_are_restored():
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 3), torch.arange(30) % 3
+    seen_modes = []
+    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0))
+    net.register_forward_hook(lambda m, i, o: seen_modes.append(m.training))
+    net.eval()
+    q = full_pass_centroids(net, x, y, 3, batch_size=7)  # 5 shuffled batches, the last short
+    assert seen_modes == [True] * 5 and not net.training and not net[1].training
+    with torch.no_grad():
+        expected = class_centroids(F.softmax(net(x), 1), y, 3)
+    assert torch.allclose(q, expected, atol=1e-6)

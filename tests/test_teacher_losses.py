@@ -85,7 +85,7 @@ def test_label_smoothing_mixes_ce_with_the_mean_negative_log_probability():
 
 def test_mcmi_is_ce_minus_lambda_kl_to_the_centroids_which_follow_the_ema_rule():
     lam, m = 0.5, 0.75
-    loss = _make("mcmi", **{"lambda": lam, "momentum": m})
+    loss = _make("mcmi", **{"lambda": lam, "momentum": m, "centroids": "ema"})
     uniform = [1 / 3] * 3
 
     # batch 1: centroids still uniform; classes 0 and 1 seen for the first time, 2 absent
@@ -118,7 +118,7 @@ def test_mcmi_is_ce_minus_lambda_kl_to_the_centroids_which_follow_the_ema_rule()
 def test_mcmi_gradient_does_not_flow_through_the_centroids():
     """With Q constant, d/dz of KL(softmax(z) || Q) is what autograd must give."""
     lam = 1.0
-    loss = _make("mcmi", **{"lambda": lam})
+    loss = _make("mcmi", **{"lambda": lam, "centroids": "ema"})
     _value(loss, [[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]], [0, 1])  # give Q non-uniform rows
     q = loss.centroids.clone()
     z = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]], requires_grad=True)
@@ -308,8 +308,8 @@ def test_adversarial_losses_need_a_resolved_eps():
     [
         ("ce", {"smoothing": 0.1}),  # unknown
         ("label_smoothing", {}),  # missing
-        ("mcmi", {"lambda": 0.1}),  # missing momentum
-        ("mcmi", {"lambda": 0.1, "momentum": 0.9, "extra": 1}),  # unknown
+        ("mcmi", {"lambda": 0.1, "centroids": "ema"}),  # missing momentum
+        ("mcmi", {"lambda": 0.1, "momentum": 0.9, "centroids": "ema", "extra": 1}),  # unknown
     ],
 )
 def test_missing_or_unknown_params_raise(name, params):
@@ -324,6 +324,8 @@ def test_missing_or_unknown_params_raise(name, params):
         ("label_smoothing", {"smoothing": -0.1}),
         ("mcmi", {"lambda": -1.0}),
         ("mcmi", {"momentum": 1.0}),
+        ("mcmi", {"centroids": "running"}),
+        ("mcmi", {"centroids": 1}),
         ("cmic", {"beta": -0.5}),
         ("pgd_at", {"eps": 0.1, "steps": 0}),
         ("pgd_at", {"eps": 0.1, "steps": 2.5}),
@@ -368,3 +370,100 @@ def test_describe_lists_summary_flag_and_params():
     assert smoothing["high"] == 1.0 and smoothing["high_open"] is True
     assert d["params"]["eps"]["default"] is None
     assert TEACHER_LOSSES.get("ce").describe()["params"] == {}
+    assert d["fidelity"]["checked"] == "authors-code" and "TRADES" in d["fidelity"]["source"]
+    assert d["default_start"] is None
+
+
+def test_choice_parameters_take_only_their_names():
+    p = LossParam("full_pass", choices=("full_pass", "ema"))
+    assert p.check("ema") is None and p.check("full_pass") is None
+    assert p.check("EMA") == "must be one of full_pass, ema (got 'EMA')"
+    assert p.check(None) is not None and p.check(0.5) is not None
+
+
+@pytest.mark.parametrize("name", sorted(TEACHER_LOSSES.names()))
+def test_every_teacher_loss_declares_its_fidelity(name):
+    f = TEACHER_LOSSES.get(name).fidelity
+    assert f.source != "not declared"
+    expected = "paper-text" if name == "cmic" else "authors-code"
+    assert f.checked == expected
+    assert TEACHER_LOSSES.get(name).describe()["fidelity"]["checked"] == expected
+
+
+def test_cmic_lists_the_penalty_form_as_a_departure_and_mse_the_authors_bug():
+    cmic = TEACHER_LOSSES.get("cmic").fidelity.departures
+    assert any("penalty form" in d and "our derivation" in d for d in cmic)
+    assert any("always trains CE" in d for d in TEACHER_LOSSES.get("mse").fidelity.departures)
+
+
+def test_mcmi_defaults_are_the_authors_and_its_default_start_fine_tunes_ce():
+    cls = TEACHER_LOSSES.get("mcmi")
+    assert cls.params["lambda"].default == 0.25
+    assert cls.params["centroids"].default == "full_pass"
+    r = cls.default_start
+    assert (r.start_from, r.epochs) == ("ce", 20)
+    assert r.optim_for("resnet18") == {
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "batch_size": 64,
+        "schedule": "cosine",
+    }
+    assert r.optim_for("mobilenetv2")["lr"] == 0.005
+    assert cls.describe()["default_start"]["epochs"] == 20
+    assert all(
+        TEACHER_LOSSES.get(n).default_start is None for n in TEACHER_LOSSES.names() if n != "mcmi"
+    )
+
+
+class _BNNet(nn.Module):
+    """Linear logits behind a batch-norm: train and eval mode give different outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(x))
+
+
+def test_mcmi_full_pass_centroids_are_class_means_of_one_train_mode_pass_and_stay_frozen():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.arange(40) % 3
+    net = _BNNet()
+    loss = _make("mcmi", **{"lambda": 0.25})
+    with pytest.raises(RuntimeError, match="begin"):
+        loss.loss(net, x[:4], y[:4])  # no Q yet
+    net.eval()  # begin must run the pass in train mode (as the authors) and restore eval
+    flipped = []
+
+    def augment(xb):
+        flipped.append(len(xb))
+        return -xb
+
+    torch.manual_seed(1)
+    loss.begin(net, x, y, 40, augment)  # one batch: train-mode BN over the whole (augmented) set
+    assert flipped == [40] and not net.training
+    with torch.no_grad():
+        probs = F.softmax(
+            net.fc((-x - (-x).mean(0)) / ((-x).var(0, unbiased=False) + 1e-5).sqrt()), 1
+        )
+    expected = torch.stack([probs[y == c].mean(0) for c in range(3)])
+    assert torch.allclose(loss.centroids, expected, atol=1e-5)
+    q = loss.centroids.clone()
+    # an epoch of fine-tuning moves the network, not Q
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for i in range(0, 40, 8):
+        opt.zero_grad()
+        loss.loss(net, x[i : i + 8], y[i : i + 8]).backward()
+        opt.step()
+    loss.end_epoch()
+    assert torch.equal(loss.centroids, q)
+    # and the loss is CE - lambda * mean KL to those frozen centroids
+    with torch.no_grad():
+        logp = F.log_softmax(net(x[:8]), 1)
+        ref = F.nll_loss(logp, y[:8]) - 0.25 * (logp.exp() * (logp - q[y[:8]].log())).sum(1).mean()
+        assert loss.loss(net, x[:8], y[:8]).item() == pytest.approx(ref.item(), rel=1e-5)
