@@ -1,4 +1,4 @@
-"""AdvFunMatch, MTARD and AT-AKA against hand computations of their formulas, their inner
+"""AdvFunMatch and MTARD against hand computations of their formulas, their inner
 maximisations, frozen teachers and (MTARD) the adaptive-weight rule and its checkpointed state."""
 
 from __future__ import annotations
@@ -8,12 +8,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import LinearLogits, py_kl, py_softmax
 
 from sweep.attacks import pgd
 from sweep.methods.advfunmatch import AdvFunMatch
-from sweep.methods.ataka import ATAKA, amalgamate
 from sweep.methods.mtard import MTARD, adaptive_weight
 
 EPS = 0.1
@@ -253,80 +251,3 @@ def test_mtard_space_holds_the_papers_values():
     assert MTARD.space["temperature"].low <= 1.0 <= MTARD.space["temperature"].high
     assert MTARD.space["weight_lr"].low <= 0.025 <= MTARD.space["weight_lr"].high
     assert MTARD.space["weight_lr"].type == "log_float"
-
-
-# --- ataka -------------------------------------------------------------------------------
-
-
-def test_ataka_returns_one_adversarial_example_per_teacher():
-    student, teachers = _nets(15, k_teachers=3)
-    x, _, y = _batch(16, n=16)
-
-    def ce(net, xx):
-        return _hand_ce(net, xx, y)
-
-    torch.manual_seed(0)
-    x_adv = ATAKA({"temperature": 4.0}).adversarial(student, teachers, x, y, attack)
-    assert isinstance(x_adv, list) and len(x_adv) == 3
-    for teacher, xk in zip(teachers, x_adv, strict=True):
-        _assert_in_ball(xk, x)
-        assert ce(teacher, xk) > 1.1 * ce(teacher, x)  # x'_k ascends teacher k's CE
-        assert ce(teacher, xk) > ce(teacher, _random_in_ball(x))
-    assert not torch.equal(x_adv[0], x_adv[1]) and not torch.equal(x_adv[1], x_adv[2])
-    assert _no_grad(student, *teachers)
-
-
-def test_ataka_identical_teachers_give_that_teachers_distribution():
-    temp = 3.0
-    student, (teacher,) = _nets(17)
-    x, x_adv, y = _batch(18)
-    z = teacher(x_adv).detach()
-    weights, target = amalgamate([z, z, z], y)
-    assert torch.allclose(weights, torch.full_like(weights, 1 / 3))
-    assert torch.allclose(F.softmax(target / temp, 1), F.softmax(z / temp, 1), atol=1e-6)
-    got = ATAKA({"temperature": temp}).loss(student, [teacher] * 3, x, [x_adv] * 3, y).item()
-    with torch.no_grad():
-        expected = _hand_tkl(_logits(x_adv, teacher.w), _logits(x_adv, student.w), temp)
-    assert got == pytest.approx(expected, rel=1e-5)
-
-
-def test_ataka_loss_matches_hand_amalgamation():
-    """Weights proportional to each teacher's true-label probability on its own x'_k; the
-    target is the weighted sum of logits; the student's KL is averaged over the K examples."""
-    temp = 2.0
-    student, (t1, t2) = _nets(19, k_teachers=2)
-    x, xa, y = _batch(20)
-    xb = (x - (xa - x)).clamp(0, 1)  # a second, different example per point
-    got = ATAKA({"temperature": temp}).loss(student, [t1, t2], x, [xa, xb], y).item()
-    with torch.no_grad():
-        z1, z2 = _logits(xa, t1.w), _logits(xb, t2.w)
-        target = []
-        weights = []
-        for r1, r2, k in zip(z1, z2, y.tolist(), strict=True):
-            c1, c2 = py_softmax(r1)[k], py_softmax(r2)[k]
-            a1, a2 = c1 / (c1 + c2), c2 / (c1 + c2)
-            weights.append(a1)
-            target.append([a1 * u + a2 * v for u, v in zip(r1, r2, strict=True)])
-        expected = 0.5 * (
-            _hand_tkl(target, _logits(xa, student.w), temp)
-            + _hand_tkl(target, _logits(xb, student.w), temp)
-        )
-    assert max(weights) - min(weights) > 0.1  # the weights are not uniform on this batch
-    assert got == pytest.approx(expected, rel=1e-5)
-
-
-def test_ataka_teachers_get_no_gradient():
-    student, teachers = _nets(21, k_teachers=3)
-    x, x_adv, y = _batch(22)
-    ATAKA({"temperature": 4.0}).loss(student, teachers, x, [x_adv] * 3, y).backward()
-    assert all(t.w.grad is None for t in teachers)
-    assert student.w.grad.abs().sum() > 0
-
-
-def test_ataka_needs_one_example_per_teacher():
-    student, teachers = _nets(23, k_teachers=3)
-    x, x_adv, y = _batch(24)
-    with pytest.raises(ValueError, match="one x' per teacher"):
-        ATAKA({"temperature": 4.0}).loss(student, teachers, x, [x_adv] * 2, y)
-    d = ATAKA.describe()
-    assert d["teachers"] == "ensemble" and d["needs_attack"]
