@@ -407,3 +407,110 @@ def test_robust_accuracy_verdict_is_the_real_models_not_the_surrogates():
     attack = AttackRun.model_validate({"name": "pgd", "steps": 3})
     acc = accuracy(model, x, y, attack=attack, eps=0.05, surrogate=WrongConstant())
     assert acc > 0.5  # the constant surrogate would have said 0.0
+
+
+# --- start=, params and the declared training protocol (issue 17) ------------------------------
+
+
+@pytest.mark.parametrize(("name", "norm"), [an for an in ATTACK_NORMS if an[0] != "none"])
+def test_every_attack_takes_its_first_gradient_at_start_and_projects_the_result(name, norm):
+    """`start` replaces the attack's own starting point (x or a uniform point); a start far
+    outside the ball and [0, 1] still gives a result inside both."""
+    model = _linear()
+    x, y = _batch()
+    eps = EPS[norm]
+    start = x + 3 * eps * torch.randn_like(x)
+    rec = Recorder(model)
+    got = run_attack(name, rec, x, ce_objective(y), eps=eps, steps=3, norm=norm, start=start)
+    assert torch.equal(rec.seen[0], start)
+    assert (_distance(got, x, norm) <= eps + 1e-5).all()
+    assert got.min() >= 0 and got.max() <= 1
+
+
+def test_no_attack_ignores_start():
+    x, y = _batch()
+    got = run_attack("none", _linear(), x, ce_objective(y), eps=0.1, start=x + 0.05)
+    assert torch.equal(got, x)
+
+
+def test_fgsm_from_a_start_is_one_signed_step_of_the_gradient_there():
+    model = _linear()
+    x, y = _batch()
+    eps = 0.1
+    start = (x + 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(
+        0, 1
+    )
+    expected = _clip_linf(start + eps * _ce_grad(model, start, y).sign(), x, eps)
+    got = run_attack("fgsm", model, x, ce_objective(y), eps=eps, start=start)
+    assert torch.allclose(got, expected)
+
+
+def test_mifgsm_decay_reaches_the_attack_and_zero_decay_is_iterative_fgsm():
+    """decay 0 drops the momentum: every step is sign(grad), i.e. PGD from x with step eps/steps."""
+    model = _linear()
+    x, y = _batch()
+    eps, steps = 0.1, 4
+    default = run_attack("mifgsm", model, x, ce_objective(y), eps=eps, steps=steps)
+    no_momentum = run_attack("mifgsm", model, x, ce_objective(y), eps=eps, steps=steps, decay=0.0)
+    plain = pgd(
+        model, x, ce_objective(y), eps=eps, steps=steps, step_size=eps / steps, random_start=False
+    )
+    assert not torch.equal(default, no_momentum)
+    assert torch.allclose(no_momentum, plain)
+
+
+def test_run_attack_rejects_undeclared_and_objective_only_params():
+    x, y = _batch()
+    with pytest.raises(
+        ValueError, match="'decy'.*not a parameter of attack 'mifgsm'; allowed: decay"
+    ):
+        run_attack("mifgsm", _linear(), x, ce_objective(y), eps=0.1, decy=1.0)
+    with pytest.raises(ValueError, match="'decay'.*allowed: none"):
+        run_attack("pgd", _linear(), x, ce_objective(y), eps=0.1, decay=1.0)
+    with pytest.raises(ValueError, match="'kappa'.*does not apply to a training attack"):
+        run_attack("cw_inf", _linear(), x, ce_objective(y), eps=0.1, kappa=10.0)
+    with pytest.raises(ValueError, match="'decay'.*must be >= 0"):
+        run_attack("mifgsm", _linear(), x, ce_objective(y), eps=0.1, decay=-1.0)
+
+
+def test_declared_param_defaults_are_the_functions_and_objectives_defaults():
+    """A declared default that disagreed with the function's keyword default would make the
+    logged protocol lie about what evaluation (which passes no params) runs."""
+    import inspect
+
+    for name, info in ATTACKS.items():
+        for key, decl in info.params.items():
+            where = info.fn if decl.training else info.objective
+            assert inspect.signature(where).parameters[key].default == decl.default, (name, key)
+    assert ATTACKS.get("cw_inf").params["kappa"].default == 50.0
+
+
+def test_training_protocol_declared_per_attack():
+    """DESIGN §4.1: PGD 10 steps of eps/4 (2/255 at 8/255), FGSM eps, FGSM-RS 1.25*eps (Wong et
+    al.), MI-FGSM 10 steps of eps/steps (Dong et al.), CW-inf as PGD."""
+    eps = 8 / 255
+    got = {
+        n: (a.train_steps, a.train_step(eps, a.train_steps or 1), a.train_step.describe())
+        for n, a in ATTACKS.items()
+        if a.train_step is not None
+    }
+    assert got["pgd"] == (10, pytest.approx(2 / 255), "eps/4")
+    assert got["cw_inf"] == (10, pytest.approx(2 / 255), "eps/4")
+    assert got["fgsm"] == (None, pytest.approx(eps), "eps")
+    assert got["fgsm_rs"] == (None, pytest.approx(1.25 * eps), "1.25*eps")
+    assert got["mifgsm"] == (10, pytest.approx(eps / 10), "eps/steps")
+    assert ATTACKS.get("none").train_step is None
+    # every iterative attack declares its training steps; the others do not
+    assert all((a.train_steps is not None) == a.iterative for n, a in ATTACKS.items())
+
+
+def test_evaluation_default_step_of_pgd_is_still_madrys():
+    """The training protocol lives in AttackInfo; the function's default (what evaluation
+    runs when the file sets no step) is unchanged: 2.5 * eps / steps."""
+    model = _linear()
+    x, y = _batch()
+    x = 0.3 + 0.4 * x
+    rec = Recorder(model)
+    pgd(rec, x, ce_objective(y), eps=0.2, steps=10, random_start=False)
+    step = (rec.seen[1] - rec.seen[0]).abs()
+    assert torch.allclose(step[step > 0], torch.tensor(0.05))
