@@ -18,23 +18,51 @@ In the sweep file:
                                                 # required by such methods, no default
       ensemble: {size: 3}                       # K copies of the cell's teacher, seeds s..s+K-1
       # ensemble: {members: [{}, {arch: resnet18}, {loss: mse, seed: 7}]}
+
+Where a teacher starts (an entry, or a teacher-set member, may say):
+
+        - {name: trades, label: trades_ft, finetune: {from: ce, epochs: 5, optim: {lr: 0.01}}}
+        - {name: trades, label: trades_wrn,
+           checkpoint: {uri: s3://b/trades.pt, sha256: <64 hex>, arch: wrn34_10,
+                        format: robustbench}}
+        - mcmi                               # its paper's recipe: fine-tunes {name: ce}
+        - {name: mcmi, finetune: null, params: {centroids: ema}}   # from scratch instead
+
+`finetune.from` is itself a teacher entry (a loss name or a mapping, with its own params, arch,
+epochs, seed, finetune or checkpoint), self-contained: it names no other grid label, and gets
+the sweep's teacher defaults for what it does not say. `finetune.epochs` (default: the loss's
+recipe, else `teacher.epochs`) and `finetune.optim` (fields of `teacher.optim` to override) are
+the fine-tuning's. A loss with a default start (TeacherLoss.default_start: `mcmi`) fine-tunes by
+that recipe unless the entry says `finetune: null`; a `finetune` mapping overrides the recipe
+field by field. A `checkpoint` teacher is loaded, not trained (epochs 0): its loss name only
+documents how it was trained; its sha256 (and format) is its identity, not its URI.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from .checkpoint_formats import FORMATS
 from .models import MODELS
 from .space import StrictModel
 from .teacher_losses import TEACHER_LOSSES
 
-Scalar = float | int | None
+Scalar = float | int | str | None  # str: a choice parameter (mcmi's centroids)
+# The fields of spec.OptimSpec (teacher.optim), which `finetune.optim` may override; the values
+# are checked by OptimSpec itself (_check_optim).
+OPTIM_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule")
 # What a method says about its teachers (Method.teacher_set).
 TEACHER_SET_KINDS = ("none", "one", "clean+robust", "ensemble")
+
+
+def _known_arch(v: str) -> str:
+    if v not in MODELS:
+        raise ValueError(f"unknown model {v!r}; allowed: {', '.join(MODELS.names())}")
+    return v
 
 
 def _known_loss(name: str) -> str:
@@ -69,10 +97,35 @@ def fmt_value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _check_optim(optim: dict[str, Any]) -> None:
+    """`finetune.optim` keys and values as `teacher.optim` would take them."""
+    from .spec import OptimSpec  # lazily: spec imports this module
+
+    unknown = sorted(set(optim) - set(OPTIM_KEYS))
+    if unknown:
+        raise ValueError(f"unknown field {unknown}; allowed: {', '.join(OPTIM_KEYS)}")
+    OptimSpec.model_validate(optim)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint to load a teacher from. Equality (and the teacher's identity) is by content,
+    sha256 and format: the URI says only where the bytes are today (compare=False)."""
+
+    sha256: str
+    format: str
+    uri: str = field(compare=False)
+
+
 @dataclass(frozen=True)
 class TeacherDef:
     """One concrete teacher. `params` is complete (defaults filled, eps resolved) and sorted, so
-    two ways of writing the same teacher give the same definition and the same cache entry."""
+    two ways of writing the same teacher give the same definition and the same cache entry.
+
+    Where it starts: from scratch (`init` and `checkpoint` None); fine-tuned from `init` (its
+    parent, trained or loaded itself) for `epochs` with `optim` (sorted overrides of the sweep's
+    teacher.optim); or loaded from `checkpoint` (epochs 0). Frozen and hashable all the way
+    down, so teachers can be deduplicated by content (`replace(t, label="")`)."""
 
     label: str
     loss: str
@@ -80,18 +133,90 @@ class TeacherDef:
     arch: str
     epochs: int
     seed: int
+    init: TeacherDef | None = None
+    optim: tuple[tuple[str, Any], ...] | None = None
+    checkpoint: CheckpointRef | None = None
 
     def params_dict(self) -> dict[str, Any]:
         return dict(self.params)
 
+    @property
+    def source(self) -> str:
+        """trained | finetuned | checkpoint: what the teacher's MLflow run says."""
+        if self.checkpoint is not None:
+            return "checkpoint"
+        return "finetuned" if self.init is not None else "trained"
+
+    def optim_dict(self) -> dict[str, Any]:
+        return dict(self.optim or ())
+
+
+class CheckpointSpec(StrictModel):
+    """`checkpoint:` of a teacher entry: the file, its sha256, and how to read it."""
+
+    uri: str = Field(min_length=1, description="a local path, file://, s3://, gs://, ...")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="of the file's bytes")
+    arch: str | None = Field(None, description="our architecture to load it into")
+    format: Literal["state_dict", "robustbench"] = "state_dict"
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str | None) -> str | None:
+        return None if v is None else _known_arch(v)
+
+    def ref(self) -> CheckpointRef:
+        assert self.format in FORMATS
+        return CheckpointRef(self.sha256.lower(), self.format, self.uri)
+
+
+class FinetuneSpec(StrictModel):
+    """`finetune:` of a teacher entry. In the file the parent is `from` (a Python keyword,
+    hence `start_from` here)."""
+
+    start_from: TeacherEntry | None = None
+    epochs: int | None = Field(None, gt=0)
+    optim: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if "from" in data:
+                data["start_from"] = data.pop("from")
+            unknown = sorted(set(data) - {"start_from", "epochs", "optim"})
+            if unknown:
+                raise ValueError(f"unknown field {unknown}; allowed: epochs, from, optim")
+        return data
+
+    @field_validator("optim")
+    @classmethod
+    def _optim(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _check_optim(v)
+        return v
+
+    @field_validator("start_from")
+    @classmethod
+    def _one_parent(cls, v: TeacherEntry | None) -> TeacherEntry | None:
+        if v is not None and any(isinstance(x, list) for x in v.params.values()):
+            raise ValueError("(from) a fine-tune starts from one teacher: give single values")
+        return v
+
 
 class TeacherEntry(StrictModel):
     """One entry of `grid.teacher_loss`: a loss name, or a mapping with parameters. A list as a
-    parameter value means one teacher per value (all combinations when several are lists)."""
+    parameter value means one teacher per value (all combinations when several are lists).
+    `arch`, `epochs`, `seed` override the sweep's teacher defaults for this teacher; `finetune`
+    and `checkpoint` say where it starts (module docstring)."""
 
     name: str
     params: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict)
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=,()-]*$")
+    arch: str | None = None
+    epochs: int | None = Field(None, gt=0)
+    seed: int | None = None
+    finetune: FinetuneSpec | None = None  # unset: the loss's default start; null: from scratch
+    checkpoint: CheckpointSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -103,11 +228,17 @@ class TeacherEntry(StrictModel):
     def _known(cls, v: str) -> str:
         return _known_loss(v)
 
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str | None) -> str | None:
+        return None if v is None else _known_arch(v)
+
     @model_validator(mode="after")
     def _params(self) -> TeacherEntry:
         check_params(self.name, self.params, lists=True)
         if self.label and any(isinstance(v, list) and len(v) > 1 for v in self.params.values()):
             raise ValueError("label: a label names one teacher; drop it or give single values")
+        check_start(self.checkpoint, self.finetune, "finetune" in self.model_fields_set, self)
         return self
 
     def expand(self, defaults: TeacherDefaults) -> list[TeacherDef]:
@@ -117,24 +248,129 @@ class TeacherEntry(StrictModel):
         out = []
         for combo in itertools.product(*choices):
             given = dict(zip(keys, combo, strict=True))
-            label = self.label or (
-                self.name + ("(" + ",".join(f"{k}={fmt_value(v)}" for k, v in given.items()) + ")")
-                if given
-                else self.name
+            label = self.label or self._label(given)
+            out.append(
+                resolve(
+                    defaults,
+                    label,
+                    self.name,
+                    given,
+                    arch=self.arch,
+                    epochs=self.epochs,
+                    seed=self.seed,
+                    finetune=self.finetune,
+                    finetune_given="finetune" in self.model_fields_set,
+                    checkpoint=self.checkpoint,
+                )
             )
-            out.append(defaults.make(label, self.name, given))
         return out
+
+    def _label(self, given: dict[str, Any]) -> str:
+        """name(k=v,...), with where it starts when the entry says so: from=<parent label>,
+        from=scratch (a loss with a default start, opted out), sha256=<8 hex> (a checkpoint)."""
+        parts = [f"{k}={fmt_value(v)}" for k, v in given.items()]
+        if self.checkpoint is not None:
+            parts.append(f"sha256={self.checkpoint.sha256.lower()[:8]}")
+        elif self.finetune is not None and self.finetune.start_from is not None:
+            parent = self.finetune.start_from
+            parts.append(f"from={parent.label or parent._label(dict(parent.params))}")
+        elif "finetune" in self.model_fields_set and TEACHER_LOSSES.get(self.name).default_start:
+            parts.append("from=scratch")
+        return self.name + (f"({','.join(parts)})" if parts else "")
+
+    def resolve_one(self, defaults: TeacherDefaults) -> TeacherDef:
+        (t,) = self.expand(defaults)  # FinetuneSpec allows no lists in `from`
+        return t
+
+
+def check_start(
+    checkpoint: CheckpointSpec | None, finetune: FinetuneSpec | None, finetune_given: bool, entry
+) -> None:
+    """A teacher starts one way: a checkpoint is loaded (no epochs, seed or fine-tuning)."""
+    if checkpoint is None:
+        return
+    if finetune is not None:
+        raise ValueError(
+            "give checkpoint or finetune, not both (to fine-tune a checkpoint, put "
+            "it under finetune.from)"
+        )
+    if getattr(entry, "epochs", None) is not None or getattr(entry, "seed", None) is not None:
+        raise ValueError("epochs/seed: a teacher loaded from a checkpoint is not trained")
+    arch = getattr(entry, "arch", None)
+    if arch and checkpoint.arch and arch != checkpoint.arch:
+        raise ValueError(f"arch ({arch}) disagrees with checkpoint.arch ({checkpoint.arch})")
+
+
+def resolve(
+    defaults: TeacherDefaults,
+    label: str,
+    loss: str,
+    given: dict[str, Any],
+    *,
+    arch: str | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
+    finetune: FinetuneSpec | None = None,
+    finetune_given: bool = False,
+    checkpoint: CheckpointSpec | None = None,
+) -> TeacherDef:
+    """The TeacherDef of one teacher: loaded, fine-tuned (explicitly or by the loss's default
+    start) or trained from scratch. A fine-tune's parent gets `arch` (else the sweep's) unless it
+    sets its own, and the child has its parent's architecture."""
+    if checkpoint is not None:
+        return defaults.make(
+            label,
+            loss,
+            given,
+            arch=checkpoint.arch or arch,
+            epochs=0,
+            seed=seed,
+            checkpoint=checkpoint.ref(),
+        )
+    recipe = TEACHER_LOSSES.get(loss).default_start
+    if finetune is None and (finetune_given or recipe is None):
+        return defaults.make(label, loss, given, arch=arch, epochs=epochs, seed=seed)
+    ft = finetune or FinetuneSpec()
+    if epochs is not None:
+        raise ValueError(f"epochs: {label} is fine-tuned; give finetune.epochs")
+    parent_entry = ft.start_from
+    if parent_entry is None:
+        if recipe is None:
+            raise ValueError(f"finetune.from: required ({loss!r} has no default start)")
+        parent_entry = TeacherEntry(name=recipe.start_from)
+    try:
+        parent = parent_entry.resolve_one(replace(defaults, arch=arch or defaults.arch))
+    except ValueError as e:
+        raise ValueError(f"finetune.from: {e}") from None
+    if arch and parent.arch != arch:
+        raise ValueError(f"arch ({arch}): a fine-tuned teacher has its parent's ({parent.arch})")
+    optim = (recipe.optim_for(parent.arch) if recipe else {}) | ft.optim
+    ft_epochs = ft.epochs or (recipe.epochs if recipe else defaults.epochs)
+    return defaults.make(
+        label,
+        loss,
+        given,
+        arch=parent.arch,
+        epochs=ft_epochs,
+        seed=seed,
+        init=parent,
+        optim=tuple(sorted(optim.items())),
+    )
 
 
 class TeacherOverride(StrictModel):
     """A member of a teacher set, as changes to the cell's own teacher: unset fields inherit.
-    Changing `loss` starts from that loss's default parameters."""
+    Changing `loss` starts from that loss's default parameters (and its default start: `mcmi`
+    fine-tunes a CE teacher); `finetune` / `checkpoint` as in a grid entry (module docstring):
+    e.g. a robust teacher loaded from RobustBench."""
 
     loss: str | None = None
     params: dict[str, Scalar] = Field(default_factory=dict)
     arch: str | None = None
     epochs: int | None = Field(None, gt=0)
     seed: int | None = None
+    finetune: FinetuneSpec | None = None
+    checkpoint: CheckpointSpec | None = None
 
     @field_validator("loss")
     @classmethod
@@ -144,15 +380,22 @@ class TeacherOverride(StrictModel):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str | None) -> str | None:
-        if v is not None and v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(MODELS.names())}")
-        return v
+        return None if v is None else _known_arch(v)
 
     @model_validator(mode="after")
     def _params(self) -> TeacherOverride:
         if self.loss is not None:
             check_params(self.loss, self.params)
+        check_start(self.checkpoint, self.finetune, "finetune" in self.model_fields_set, self)
         return self
+
+    @property
+    def restarts(self) -> bool:
+        """Whether it says where the teacher starts (then it is resolved afresh)."""
+        return self.checkpoint is not None or "finetune" in self.model_fields_set
+
+
+FinetuneSpec.model_rebuild()
 
 
 class EnsembleSpec(StrictModel):
@@ -200,6 +443,9 @@ class TeacherDefaults:
         arch: str | None = None,
         epochs: int | None = None,
         seed: int | None = None,
+        init: TeacherDef | None = None,
+        optim: tuple[tuple[str, Any], ...] | None = None,
+        checkpoint: CheckpointRef | None = None,
     ) -> TeacherDef:
         declared = TEACHER_LOSSES.get(loss).params
         params = {k: p.default for k, p in declared.items()} | given
@@ -210,36 +456,100 @@ class TeacherDefaults:
             loss=loss,
             params=tuple(sorted(params.items())),
             arch=arch or self.arch,
-            epochs=epochs or self.epochs,
+            epochs=self.epochs if epochs is None else epochs,  # 0: a loaded checkpoint
             seed=self.seed if seed is None else seed,
+            init=init,
+            optim=optim,
+            checkpoint=checkpoint,
         )
 
 
 def apply_override(
     base: TeacherDef, o: TeacherOverride, defaults: TeacherDefaults, *, seed_offset: bool = False
 ) -> TeacherDef:
-    """`base` changed by `o`. For ensembles written as {size: K}, seeds are offsets."""
-    if o.loss is not None and o.loss != base.loss:
-        loss, given = o.loss, dict(o.params)
-    else:
-        loss = base.loss
-        check_params(loss, o.params)
-        given = base.params_dict() | o.params
+    """`base` changed by `o`. For ensembles written as {size: K}, seeds are offsets.
+
+    A member that changes the loss or says where it starts is resolved afresh (`resolve`). One
+    that changes only params/epochs/seed of a fine-tuned base stays a fine-tune of the same
+    recipe, a changed seed re-seeding the whole chain (ensemble members differ from the start);
+    a loaded base cannot be re-seeded, re-trained or moved to another architecture."""
+    new_loss = o.loss is not None and o.loss != base.loss
     seed = base.seed + (o.seed or 0) if seed_offset else (base.seed if o.seed is None else o.seed)
-    parts = [loss if loss != base.loss else base.label]
+    parts = [o.loss if new_loss else base.label]
     parts += [f"{k}={fmt_value(v)}" for k, v in o.params.items()]
     if o.arch and o.arch != base.arch:
         parts.append(o.arch)
     if seed != base.seed:
         parts.append(f"seed={seed}")
+    if o.checkpoint is not None:
+        parts.append(f"sha256={o.checkpoint.sha256.lower()[:8]}")
+    label = "+".join(parts)
+    loss = o.loss if new_loss else base.loss
+    if not new_loss:
+        check_params(loss, o.params)
+    given = dict(o.params) if new_loss else base.params_dict() | o.params
+    derived = base.init is not None or base.checkpoint is not None
+    if new_loss or o.restarts:
+        changed_seed = o.seed is not None and seed != base.seed
+        fine_tunes = o.checkpoint is None and (
+            o.finetune is not None
+            or ("finetune" not in o.model_fields_set and TEACHER_LOSSES.get(loss).default_start)
+        )
+        return resolve(
+            defaults,
+            label,
+            loss,
+            given,
+            arch=o.arch or base.arch,
+            # a scratch teacher inherits the base's epochs unless the base's are a fine-tune's
+            epochs=o.epochs if (fine_tunes or o.checkpoint or derived) else o.epochs or base.epochs,
+            seed=seed if (changed_seed or not derived) else None,
+            finetune=o.finetune,
+            finetune_given="finetune" in o.model_fields_set,
+            checkpoint=o.checkpoint,
+        )
+    if base.checkpoint is not None:
+        if o.params or o.arch or o.epochs or seed != base.seed:
+            raise ValueError(
+                f"{base.label} is loaded from a checkpoint: it has no seed, epochs or params to "
+                "change (an ensemble needs members, e.g. other checkpoints)"
+            )
+        return base
+    arch = o.arch or base.arch
+    init, optim = base.init, base.optim
+    if init is not None:
+        init = _reseed(_rearch(init, arch), seed - base.seed)
+        recipe = TEACHER_LOSSES.get(loss).default_start
+        if recipe is not None and base.optim_dict() == recipe.optim_for(base.arch):
+            optim = tuple(sorted(recipe.optim_for(arch).items()))  # the recipe's, for this arch
     return defaults.make(
-        "+".join(parts),
+        label,
         loss,
         given,
-        arch=o.arch or base.arch,
+        arch=arch,
         epochs=o.epochs or base.epochs,
         seed=seed,
+        init=init,
+        optim=optim,
     )
+
+
+def _rearch(t: TeacherDef, arch: str) -> TeacherDef:
+    """`t` and its parents on `arch`; a loaded parent cannot change architecture."""
+    if t.arch == arch:
+        return t
+    if t.checkpoint is not None:
+        raise ValueError(f"arch: {t.label} is loaded from a checkpoint of {t.arch}, not {arch}")
+    init = _rearch(t.init, arch) if t.init is not None else None
+    return replace(t, arch=arch, init=init)
+
+
+def _reseed(t: TeacherDef, delta: int) -> TeacherDef:
+    """`t` and its parents trained with seeds shifted by `delta` (loaded ones stay as they are)."""
+    if delta == 0 or t.checkpoint is not None:
+        return t
+    init = _reseed(t.init, delta) if t.init is not None else None
+    return replace(t, seed=t.seed + delta, init=init)
 
 
 def teacher_set(

@@ -10,6 +10,11 @@ The store is a local folder or any pyarrow filesystem URI (`s3://bucket/sweeps/t
 metadata before `torch.load(weights_only=True)`: a truncated or corrupted file is retrained,
 never unpickled. Teacher losses themselves live in teacher_losses.py.
 
+A teacher starts from scratch, from its parent (a fine-tune: the parent is got first, cached and
+recorded like any teacher, and its weights are the child's start), or from a checkpoint file
+(checkpoint_formats.py: sha256-verified, then loaded; nothing is trained). Its identity says
+which, recursively, and its MLflow run says so too (`source`, `finetuned_from`, `checkpoint_*`).
+
 Below the cache: what defines a sweep's teacher (its identity, hashed), how it is trained and
 measured, and `get_teacher`, which finds it in the cache or trains it and records it as the
 sweep's MLflow teacher run.
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint_formats import load_checkpoint
 from .cmi import output_metrics
 from .context import SweepContext, augmentation, fast_path, new_model, optim_settings
 from .data import Splits
@@ -178,24 +184,40 @@ class TeacherCache:
 
 # --- a sweep's teachers: identity, training, the cache and the MLflow run -----------------------
 def teacher_identity(spec: SweepSpec, t: TeacherDef) -> dict[str, Any]:
-    """Everything that defines a teacher, and nothing that does not (paths, sweep name, label)."""
+    """Everything that defines a teacher, and nothing that does not (paths, sweep name, label,
+    a checkpoint's URI: moving the file must not retrain).
+
+    Fine-tuned: its own loss, epochs, optim and seed, plus its parent's identity (recursively)
+    under `finetuned_from`. Loaded: the checkpoint's sha256 and format (and the architecture it
+    is loaded into); no loss, optim, epochs or seed, which do not change the weights. The
+    dataset stays in both: the cache keeps the teacher's metrics, measured on it."""
     d = spec.dataset
-    return {
-        "dataset": {
-            "name": d.name,
-            "val_fraction": d.val_fraction,
-            "test_fraction": d.test_fraction,
-            "split_seed": d.split_seed,
-            "augment": d.augment,
+    dataset = {
+        "name": d.name,
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "split_seed": d.split_seed,
+        "augment": d.augment,
+        "crop_padding": "zeros",  # teachers cached under reflect padding are not reused
+    } | ({"strong_augment": d.strong_augment} if d.strong_augment != "none" else {})
+    if t.checkpoint is not None:
+        return {
+            "dataset": dataset,
+            "arch": t.arch,
+            "checkpoint": {"sha256": t.checkpoint.sha256, "format": t.checkpoint.format},
         }
-        | ({"strong_augment": d.strong_augment} if d.strong_augment != "none" else {}),
+    ident = {
+        "dataset": dataset,
         "arch": t.arch,
         "loss": t.loss,
         "loss_params": t.params_dict(),
         "epochs": t.epochs,
-        "optim": spec.teacher.optim.model_dump(),
+        "optim": spec.teacher.optim.model_dump() | t.optim_dict(),
         "seed": t.seed,
     }
+    if t.init is not None:
+        ident["finetuned_from"] = teacher_identity(spec, t.init)
+    return ident
 
 
 def teacher_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str, float]:
@@ -213,11 +235,14 @@ def teacher_metrics(spec: SweepSpec, model: nn.Module, data: Splits) -> dict[str
 def train_teacher(
     spec: SweepSpec, t: TeacherDef, model: nn.Module, data: Splits
 ) -> dict[str, float]:
-    """Train a freshly initialised `model` (get_teachers seeds its initialisation)."""
+    """Train `model` (freshly initialised by get_teacher, or holding its parent's weights for a
+    fine-tune) with `t`'s loss, epochs and optimiser settings (the sweep's teacher.optim with
+    `t.optim` on top)."""
     objective = TEACHER_LOSSES.get(t.loss)(t.params_dict(), data.info.num_classes)
-    optim = optim_settings(spec.teacher.optim)
+    optim = optim_settings(spec.teacher.optim) | t.optim_dict()
     opt, sched = make_optimization(model, optim, t.epochs, len(data.x_train))
-    objective.begin(model, data.x_train, data.y_train, optim["batch_size"])
+    augment = augmentation(spec, data)
+    objective.begin(model, data.x_train, data.y_train, optim["batch_size"], augment)
     # the teacher's training steps take the fast path too (not compiled: trained once per sweep)
     fast = fast_path(spec, data.x_train.device)
     for epoch in range(t.epochs):
@@ -226,7 +251,7 @@ def train_teacher(
             data,
             fast=fast,
             batch_size=optim["batch_size"],
-            augmentation=augmentation(spec, data),
+            augmentation=augment,
             step_loss=lambda x, y: objective.loss(model, to_format(x, fast), y),
             optimizer=opt,
             schedule=sched,
@@ -235,35 +260,75 @@ def train_teacher(
         # Ray forwards every worker's stdout to the driver's console: one line there per teacher
         # (printed); each epoch is logged at INFO, for whoever configures logging to see it
         if epoch + 1 == t.epochs:
-            print(
-                f"teacher {t.label}: trained {t.epochs} epochs, loss {loss_value:.4f}", flush=True
-            )
+            how = "fine-tuned" if t.init is not None else "trained"
+            print(f"teacher {t.label}: {how} {t.epochs} epochs, loss {loss_value:.4f}", flush=True)
         else:
             log.info("teacher %s: epoch %d/%d loss %.4f", t.label, epoch + 1, t.epochs, loss_value)
     model.eval()
     return teacher_metrics(spec, model, data)
 
 
+def make_teacher(
+    ctx: SweepContext, t: TeacherDef, model: nn.Module, data: Splits, device: torch.device
+) -> dict[str, float]:
+    """What the cache runs when `t` is not there: load its checkpoint, or start from its
+    parent's weights (got from the cache, or made, first) and fine-tune, or train from scratch.
+    Returns the teacher's metrics."""
+    spec = ctx.spec
+    if t.checkpoint is not None:
+        c = t.checkpoint
+        load_checkpoint(model, uri=c.uri, sha256=c.sha256, fmt=c.format, who=t.label)
+        print(f"teacher {t.label}: loaded {c.uri} ({c.format}, sha256 {c.sha256[:12]})")
+        model.eval()
+        return teacher_metrics(spec, model, data)
+    if t.init is not None:
+        parent, _ = get_teacher(ctx, t.init, data, device)
+        model.load_state_dict(parent.state_dict())
+        seed_everything(t.seed)  # the parent's training moved the RNG: the fine-tune's own seed
+    return train_teacher(spec, t, model, data)
+
+
+def provenance(spec: SweepSpec, t: TeacherDef) -> dict[str, str]:
+    """Where the teacher came from, as its MLflow run's params and tags show it."""
+    out = {"source": t.source}
+    if t.init is not None:
+        h = teacher_hash(teacher_identity(spec, t.init))
+        out |= {"finetuned_from": f"{t.init.label}:{h}", "finetuned_from_hash": h}
+    if t.checkpoint is not None:
+        c = t.checkpoint
+        out |= {
+            "checkpoint_uri": c.uri,
+            "checkpoint_sha256": c.sha256,
+            "checkpoint_format": c.format,
+        }
+    return out
+
+
 def get_teacher(
     ctx: SweepContext, t: TeacherDef, data: Splits, device: torch.device
 ) -> tuple[nn.Module, TeacherRecord]:
-    """The teacher `t`, from the cache or trained now; frozen, in eval mode."""
+    """The teacher `t`, from the cache or made now (make_teacher); frozen, in eval mode. A
+    fine-tuned teacher's parent is got (recursively) only when the child must be made: under
+    the child's lock, then the parent's (always child before parent, so no deadlock)."""
     spec = ctx.spec
     seed_everything(t.seed)  # a teacher depends on its own seed, not the trial's
     model = new_model(t.arch, data, device, fast_path(spec, device))
     identity = teacher_identity(spec, t)
+    origin = provenance(spec, t)
 
     def on_ready(record: TeacherRecord) -> None:
-        ctx.tracker().ensure_teacher_run(
+        tracker = ctx.tracker()
+        run_id = tracker.ensure_teacher_run(
             record,
             label=t.label,
-            params={"label": t.label, **identity},
+            params={"label": t.label, "loss": t.loss, **origin, **identity},
             parent_run_id=ctx.parent_run_id,
             sweep=spec.name,
         )
+        tracker.set_tags(run_id, origin)
 
     record = TeacherCache(ctx.layout.teachers).get_or_train(
-        identity, model, lambda m: train_teacher(spec, t, m, data), on_ready
+        identity, model, lambda m: make_teacher(ctx, t, m, data, device), on_ready
     )
     return frozen(model), record
 
