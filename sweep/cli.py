@@ -65,6 +65,25 @@ def plan(spec: Any) -> str:
         space = spec.cell_space(c.method)
         shown = ", ".join(f"{k}={describe(v)}" for k, v in space.items()) or "(nothing tuned)"
         lines.append(f"  {c.key:<28} {shown}")
+    for dropped, kept in spec.same_cells():
+        lines.append(f"  {dropped.key:<28} = {kept.key} (the same loss and attack): run once")
+    starts = {}
+    for method in dict.fromkeys(c.method for c in cells):
+        params, notes = spec.paper_start(method)
+        starts[method] = params
+        lines += [f"  note: {n}; the first trial samples it" for n in notes]
+    shown = "; ".join(
+        f"{m} " + ", ".join(f"{k}={fmt_value(v)}" for k, v in p.items())
+        for m, p in starts.items()
+        if p
+    )
+    if shown:
+        lines.append(f"first trial of each cell, the paper's setting: {shown}")
+    if spec.refit:
+        lines.append(
+            "refit: each cell's best configuration is retrained on train + validation for its "
+            "final numbers"
+        )
     return "\n".join(lines)
 
 
@@ -176,6 +195,14 @@ def registry_listing() -> dict[str, Any]:
     }
 
 
+def _print_fidelity(f: dict[str, Any]) -> None:
+    """How a method or teacher loss was checked, and its known departures (fidelity.py)."""
+    pad = " " * 19
+    print(f"{pad}fidelity: {f['checked']} ({f['meaning']}); source: {f['source']}")
+    for d in f["departures"]:
+        print(f"{pad}  departs: {d}")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .teacher_defs import fmt_value
 
@@ -199,10 +226,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if info.get("adversarial"):
                     print(f"  {'':<16} (adversarial training)")
             if kind == "methods":
-                print(
-                    f"  {'':<16} teachers={info['teachers']} inner_max={info['inner_max']!r} "
-                    f"space={info['space']}"
-                )
+                print(f"  {'':<16} teachers={info['teachers']} inner_max={info['inner_max']!r}")
+                for pname, rng in info["space"].items():
+                    paper = info["paper_default"].get(pname)
+                    shown = f"paper {fmt_value(paper)}" if paper is not None else "paper -"
+                    print(f"  {'':<16} {pname:<22} {rng!s:<14} {shown}")
+            if "fidelity" in info:
+                _print_fidelity(info["fidelity"])
             if kind == "evaluation_attacks":
                 for oname, o in info["options"].items():
                     default = fmt_value(o["default"]) if o["default"] is not None else "null"

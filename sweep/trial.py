@@ -33,8 +33,10 @@ from .data import Splits
 from .evaluate import sanity_warnings
 from .fast import maybe_compile
 from .measure import test_metrics, validation_metrics
+from .fidelity import UNDECLARED
 from .methods import METHODS
 from .spec import SweepSpec, dump_spec
+from .teacher_losses import TEACHER_LOSSES
 from .teachers import get_teachers
 from .tracking import Tracker
 from .training import Diverged, TrainAttack, make_optimization, seed_everything, student_epoch
@@ -75,6 +77,23 @@ def trial_params(spec: SweepSpec, config: TrialConfig) -> dict[str, Any]:
         "eps": spec.threat.eps,
         "train_attack_steps": spec.train_attack.steps,
     }
+
+
+def fidelity_tags(spec: SweepSpec, config: TrialConfig) -> dict[str, str]:
+    """How the run's method and teacher loss were checked against their papers (fidelity.py),
+    and whether its hyperparameters are the method's paper setting: a run read on its own, in
+    the MLflow UI, says whether its numbers are a paper's method."""
+    method = METHODS.get(config.method)
+    tags = {"method_fidelity": method.fidelity.tag()}
+    teacher = spec.teacher_variants().get(config.teacher_loss)
+    if teacher is not None:
+        loss = TEACHER_LOSSES.get(teacher.loss)
+        tags["teacher_fidelity"] = getattr(loss, "fidelity", UNDECLARED).tag()
+    paper, _ = spec.paper_start(config.method)
+    if paper:
+        same = all(config.hp.get(k) == v for k, v in paper.items())
+        tags["paper_default"] = "true" if same else "false"
+    return tags
 
 
 def student_state(
@@ -153,6 +172,7 @@ def _student_run(
             "trial_id": config.trial_id,
             "optuna_trial": str(config.number),
             "teacher_hash": t_hash,
+            **fidelity_tags(spec, config),
             **where,
         },
         parent_run_id=ctx.parent_run_id,

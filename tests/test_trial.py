@@ -42,6 +42,13 @@ def test_trial_reports_validation_only_and_tests_once_at_the_end(tmp_path):
     assert len(runs_of(ctx, "teacher")) == 1
     arts = {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
     assert {"student.pt", "sweep.yaml"} <= arts
+    # said out loud on the run: how the method and the teacher loss were checked
+    from sweep.methods import METHODS
+    from sweep.teacher_losses import TEACHER_LOSSES
+
+    assert run.data.tags["method_fidelity"] == METHODS.get("kd").fidelity.tag()
+    assert run.data.tags["teacher_fidelity"] == TEACHER_LOSSES.get("ce").fidelity.tag()
+    assert run.data.tags["paper_default"] == "false"  # T 2, alpha 0.5: not Hinton's setting
 
 
 def test_same_config_and_seed_give_the_same_metrics(tmp_path):
