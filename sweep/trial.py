@@ -32,8 +32,8 @@ from .context import (
 from .data import Splits
 from .evaluate import sanity_warnings
 from .fast import maybe_compile
-from .measure import test_metrics, validation_metrics
 from .fidelity import UNDECLARED
+from .measure import test_metrics, validation_metrics
 from .methods import METHODS
 from .spec import SweepSpec, dump_spec
 from .teacher_losses import TEACHER_LOSSES
