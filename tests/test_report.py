@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from sweep.layout import SweepLayout, open_sweep, study_name
 from sweep.progress import cell_trials
 from sweep.report import best_configs, pareto_front, write_report
+from sweep.report.footnotes import MARK, Footnotes, footnotes
 from sweep.search import CellSearcher
 from sweep.spec import parse_spec
 
@@ -185,25 +186,48 @@ def test_table_has_one_row_per_trial_with_the_promised_columns(finished):
 def test_summary_names_every_cell_and_its_best_by_validation(finished):
     summary = (finished.out / "summary.md").read_text()
     runs = _students(finished.client, finished.exp_id)
+    notes = footnotes(open_sweep("rep", finished.storage).spec)
     best = {}
     for cell in CELLS:
         b = best[cell] = _val_best(runs, cell)
         row = _row(summary, cell)
         assert f"`{b.info.run_name}`" in row
         cols = [c.strip() for c in row.strip("|").split("|")]
-        assert cols[2] == "1" and cols[3] == f"{b.data.metrics['val/robust_acc']:.4f}"
-        assert cols[4:7] == [
+        teacher = cell.split(".")[0]
+        assert cols[1:3] == [notes.teacher(teacher), notes.method("kd")]  # marked as footnoted
+        assert cols[4] == "1" and cols[5] == f"{b.data.metrics['val/robust_acc']:.4f}"
+        assert cols[6:9] == [
             f"{100 * b.data.metrics[m]:.2f}"
             for m in ("test/clean_acc", "test/robust_acc/fgsm", "test/robust_acc/pgd5")
         ]
     # teacher-loss comparison: mse's gain over ce, in percentage points
-    gain = next(ln for ln in summary.splitlines() if ln.startswith("| none | mse |"))
+    mse = notes.teacher("mse")
+    gain = next(ln for ln in summary.splitlines() if ln.startswith(f"| none | {mse} |"))
     m = "test/clean_acc"
     expected = 100 * (best["mse.kd.none"].data.metrics[m] - best["ce.kd.none"].data.metrics[m])
     assert gain.split("|")[3].strip() == f"{expected:+.2f}"
     assert "## Missing" in summary and "Nothing: every trial finished." in summary
-    assert "| ce |" in summary and "| mse |" in summary  # the teachers table
+    assert f"| {notes.teacher('ce')} |" in summary and f"| {mse} |" in summary  # teachers
     assert str(finished.out) in finished.stdout and "nothing missing" in finished.stdout
+
+
+def test_summary_footnotes_each_method_and_teacher_loss(finished):
+    """The fidelity section under the tables: kd (the method) and both teacher losses, each
+    with its tag, source and departures, marked as in the tables."""
+    summary = (finished.out / "summary.md").read_text()
+    section = summary.split("## Fidelity", 1)[1].split("## Missing", 1)[0]
+    methods, losses = section.split("### Teacher losses")
+    notes = footnotes(open_sweep("rep", finished.storage).spec)
+    assert list(notes.methods) == ["kd"] and set(notes.losses) == {"ce", "mse"}
+    for name, f in notes.methods.items():
+        mark = notes.method(name).removeprefix(name)  # the teacher labels are the loss names
+        assert mark in ("", MARK) and f"- `{name}`{mark}: {f.tag()}, " in methods
+        assert all(f"  - {d}" in methods for d in f.departures)
+    for name, f in notes.losses.items():
+        mark = notes.teacher(name).removeprefix(name)
+        assert mark in ("", MARK) and f"- `{name}`{mark}: {f.tag()}, " in losses
+        assert f.source.rstrip(". ") in losses
+        assert all(f"  - {d}" in losses for d in f.departures)
 
 
 def test_plots_are_real_images(finished):
@@ -336,8 +360,8 @@ def test_seed_repeats_are_reported_as_one_configuration(finished):
     cols = [c.strip() for c in _row(summary, "mse.kd.none").strip("|").split("|")]
     clean = [r.data.metrics["test/clean_acc"] for r in (tuned, rerun)]
     mean, std = 100 * pd.Series(clean).mean(), 100 * pd.Series(clean).std()
-    assert cols[2] == "2" and cols[4] == f"{mean:.2f} ± {std:.2f}"
-    assert cols[3] == f"{tuned.data.metrics['val/robust_acc']:.4f}"  # chosen on the tuned trial
+    assert cols[4] == "2" and cols[6] == f"{mean:.2f} ± {std:.2f}"
+    assert cols[5] == f"{tuned.data.metrics['val/robust_acc']:.4f}"  # chosen on the tuned trial
     df = pd.read_parquet(finished.tmp / "repeats" / "trials.parquet").set_index("run_name")
     assert df.loc["mse.kd.none#0", "repeat"] == 1 and df.loc["mse.kd.none#0", "config"] == key
 
@@ -451,5 +475,5 @@ def test_a_sweep_on_an_mlflow_server_shows_its_trials_and_report(server_sweep):
     summary = Path(
         client.download_artifacts(parent.info.run_id, "report/summary.md", str(server_sweep.tmp))
     ).read_text()
-    assert "### ce\n\nNo teacher: not compared." in summary
+    assert f"### {Footnotes().method('ce')}\n\nNo teacher: not compared." in summary
     assert "| none.ce.none |" in summary and "| ce.kd.none |" in summary

@@ -1,8 +1,8 @@
 """`sweep report NAME`: the tables and plots of a sweep that go into a paper.
 
 One module a job: `data.py` reads the sweep, `table.py` makes the trials table and picks each
-cell's best (selection.py's rule), `markdown.py` writes summary.md, `plots.py` draws; this file
-writes them all and logs them to MLflow.
+cell's best (selection.py's rule), `markdown.py` writes summary.md (with `footnotes.py`'s marks
+and fidelity footnotes), `plots.py` draws; this file writes them all and logs them to MLflow.
 
 Read-only with respect to the sweep: one MLflow query (every run tagged with the sweep's name:
 the parent, the student trials, the teachers) and one read of each cell's Optuna study. The only
@@ -25,7 +25,10 @@ Files written (to `<storage>/<name>/report`, or `out`):
   `epochs_trained` is the tag set when the trial was tested, else the last epoch logged.
 - `summary.md`: the best configuration of each cell with its test accuracies (mean ± std over
   the configuration's finished runs, and n), the teacher-loss comparison (gain over the `ce`
-  teacher per method and train attack, in percentage points), the teachers, and what is missing.
+  teacher per method and train attack, in percentage points), the teachers, how each method and
+  teacher loss was checked against its paper (footnotes.py: its fidelity record as a footnote;
+  a † after the name, in every table, of one that is not the paper's as published:
+  reconstructed, kdsweep's own, or with known departures), and what is missing.
 - `pareto.png`: test clean vs robust accuracy (first attack of `evaluation.attacks`), one point
   per cell's best configuration, the Pareto front drawn.
 - `history/<cell>.png`: the cell's Optuna study, objective per trial number and best so far
@@ -42,6 +45,7 @@ from pathlib import Path
 
 from ..tracking import Tracker
 from .data import SweepData, read_sweep
+from .footnotes import footnotes
 from .markdown import missing_lines, summary_markdown
 from .plots import pareto_front, plot_history, plot_pareto, safe_name
 from .table import Best, best_configs, trials_table, write_table
@@ -65,7 +69,8 @@ def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | 
     files = write_table(df, out_dir)
     (out_dir / "summary.md").write_text(summary_markdown(data, df, best, missing))
     files.append(out_dir / "summary.md")
-    files.append(plot_pareto(data.spec, best, out_dir / "pareto.png"))
+    notes = footnotes(data.spec, data.teachers)
+    files.append(plot_pareto(data.spec, best, out_dir / "pareto.png", notes))
     for cell, trials in data.studies.items():
         path = out_dir / "history" / f"{safe_name(cell)}.png"
         files.append(plot_history(data.spec, cell, trials, path))

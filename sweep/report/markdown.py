@@ -1,5 +1,6 @@
-"""`summary.md`: the best configuration per cell, the teacher-loss comparison, the teachers and
-what is missing."""
+"""`summary.md`: the best configuration per cell, the teacher-loss comparison, the teachers, how
+each method and teacher loss was checked against its paper (footnotes.py: a † on a name in the
+tables, a footnote under them) and what is missing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from ..spec import SweepSpec
 from .data import SweepData
+from .footnotes import Footnotes, footnotes
 from .table import Best, reported_metrics
 
 REFERENCE_TEACHER = "ce"
@@ -35,7 +37,15 @@ def _short(metric: str) -> str:
     return metric
 
 
-def best_section(spec: SweepSpec, best: dict[str, Best], metrics: list[str]) -> list[str]:
+def _names(notes: Footnotes, cell: Any) -> list[str]:
+    """The cell's teacher label and method as the tables show them (marked, see footnotes)."""
+    teacher = "—" if cell.teacher_loss == "none" else notes.teacher(cell.teacher_loss)
+    return [teacher, notes.method(cell.method)]
+
+
+def best_section(
+    spec: SweepSpec, best: dict[str, Best], metrics: list[str], notes: Footnotes
+) -> list[str]:
     obj = spec.objectives[0]
     lines = [
         "## Best configuration per cell",
@@ -49,18 +59,26 @@ def best_section(spec: SweepSpec, best: dict[str, Best], metrics: list[str]) -> 
     for cell in spec.cells():
         b = best.get(cell.key)
         if b is None:
-            rows.append([cell.key, "no finished trial", "0", "—"] + ["—"] * len(metrics) + [""])
+            rows.append(
+                [cell.key, *_names(notes, cell), "no finished trial", "0", "—"]
+                + ["—"] * len(metrics)
+                + [""]
+            )
             continue
         rows.append(
-            [cell.key, b.hp, str(b.n), f"{b.score:.4f}"]
+            [cell.key, *_names(notes, cell), b.hp, str(b.n), f"{b.score:.4f}"]
             + [_pct(b.mean[m], b.std[m]) for m in metrics]
             + [f"`{b.run_name}`"]
         )
-    header = ["cell", "hyperparameters", "n", obj.metric] + [_short(m) for m in metrics]
+    header = ["cell", "teacher", "method", "hyperparameters", "n", obj.metric] + [
+        _short(m) for m in metrics
+    ]
     return lines + _md_table(header + ["run"], rows) + [""]
 
 
-def comparison_section(spec: SweepSpec, best: dict[str, Best], metrics: list[str]) -> list[str]:
+def comparison_section(
+    spec: SweepSpec, best: dict[str, Best], metrics: list[str], names: Footnotes
+) -> list[str]:
     """Each teacher loss's gain over the `ce` teacher, per method and train attack."""
     lines = [
         f"## Teacher loss vs `{REFERENCE_TEACHER}` teacher",
@@ -72,7 +90,7 @@ def comparison_section(spec: SweepSpec, best: dict[str, Best], metrics: list[str
     cells = spec.cells()
     for method in spec.grid.method:
         mine = [c for c in cells if c.method == method]
-        lines.append(f"### {method}")
+        lines.append(f"### {names.method(method)}")
         if mine and all(c.teacher_loss == "none" for c in mine):
             lines += ["", "No teacher: not compared.", ""]
             continue
@@ -95,7 +113,8 @@ def comparison_section(spec: SweepSpec, best: dict[str, Best], metrics: list[str
                 if b is None:
                     notes.append(f"{attack}: `{cell.key}` has no finished trial yet.")
                     continue
-                rows.append([attack, loss] + [_gain(b, best[ref.key], m) for m in metrics])
+                gains = [_gain(b, best[ref.key], m) for m in metrics]
+                rows.append([attack, names.teacher(loss)] + gains)
         lines.append("")
         if rows:
             header = ["train attack", "teacher loss"] + [_short(m) for m in metrics]
@@ -116,7 +135,7 @@ def pareto_metric(spec: SweepSpec) -> str | None:
     return f"test/robust_acc/{attacks[0].key}" if attacks else None
 
 
-def teachers_section(spec: SweepSpec, teachers: list[Any]) -> list[str]:
+def teachers_section(spec: SweepSpec, teachers: list[Any], notes: Footnotes) -> list[str]:
     if not teachers:
         return []
     robust = pareto_metric(spec) or "test/robust_acc"
@@ -126,7 +145,7 @@ def teachers_section(spec: SweepSpec, teachers: list[Any]) -> list[str]:
         ncmi = m.get("val/ncmi")
         rows.append(
             [
-                t.data.tags.get("teacher_label", t.info.run_name),
+                notes.teacher(t.data.tags.get("teacher_label", t.info.run_name)),
                 _pct(m.get("test/clean_acc", math.nan)),
                 _pct(m.get(robust, math.nan)),
                 f"{ncmi:.4f}" if ncmi is not None else "—",
@@ -213,9 +232,11 @@ def summary_markdown(
         f"- trials in MLflow: {len(df)} ({counts})",
         "",
     ]
-    lines += best_section(spec, best, metrics)
-    lines += comparison_section(spec, best, metrics)
-    lines += teachers_section(spec, data.teachers)
+    notes = footnotes(spec, data.teachers)
+    lines += best_section(spec, best, metrics, notes)
+    lines += comparison_section(spec, best, metrics, notes)
+    lines += teachers_section(spec, data.teachers, notes)
+    lines += notes.section()
     lines += ["## Missing", ""]
     lines += [f"- {m}" for m in missing] if missing else ["Nothing: every trial finished."]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..spec import SweepSpec
+from .footnotes import Footnotes
 from .markdown import pareto_metric
 from .table import Best
 
@@ -30,7 +31,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(set(front))
 
 
-def plot_pareto(spec: SweepSpec, best: dict[str, Best], path: Path) -> Path:
+def plot_pareto(
+    spec: SweepSpec, best: dict[str, Best], path: Path, notes: Footnotes | None = None
+) -> Path:
+    """One point per cell's best configuration, named by its cell; with `notes`, a cell whose
+    method or teacher is not the paper's as published carries the tables' mark."""
     robust = pareto_metric(spec) or "no attack"
     fig = Figure(figsize=(6.5, 5))
     ax = fig.add_subplot()
@@ -52,7 +57,8 @@ def plot_pareto(spec: SweepSpec, best: dict[str, Best], path: Path) -> Path:
                 color="tab:blue",
                 capsize=3,
             )
-            ax.annotate(cell, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            name = notes.cell(cell) if notes else cell
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         front = pareto_front(list(pts.values()))
         ax.plot(  # ringed points and the staircase, so a one-point front still shows
             *zip(*front, strict=True),
