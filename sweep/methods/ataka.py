@@ -120,7 +120,7 @@ def svgd_particles(
     objective = ce_objective(y.repeat(n))
     with eval_mode(model):
         for _ in range(ball.steps):
-            score = input_grad(model, p.flatten(0, 1), objective).view_as(p)
+            score = input_grad(model, p.flatten(0, 1), objective).reshape_as(p)
             delta = (p - x).flatten(2).transpose(0, 1)  # (B, n, D)
             phi = svgd_direction(delta, score.flatten(2).transpose(0, 1), repulse)
             p = ball.step(p, x, phi.transpose(0, 1).reshape_as(p))

@@ -78,7 +78,7 @@ class Ball:
     def starts(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """[n, *x.shape]: n points uniform in the ball around each example, in [0, 1]."""
         reps = x.detach().unsqueeze(0).expand(n, *x.shape).reshape(n * len(x), *x.shape[1:])
-        return uniform_in_ball(reps, self.eps, self.norm).view(n, *x.shape)
+        return uniform_in_ball(reps, self.eps, self.norm).reshape(n, *x.shape)
 
     def step(self, p: torch.Tensor, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         """One projected ascent step of every particle p[n] (around x) along `direction`:
@@ -86,7 +86,7 @@ class Ball:
         flat = p.flatten(0, 1)
         d = ascent_direction(direction.flatten(0, 1), self.norm)
         centre = x.unsqueeze(0).expand_as(p).flatten(0, 1)
-        return PROJECT[self.norm](flat + self.step_size * d, centre, self.eps).view_as(p)
+        return PROJECT[self.norm](flat + self.step_size * d, centre, self.eps).reshape_as(p)
 
 
 def output_directions(n: int, batch: int, classes: int, like: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ def corner_particles(
 
     with eval_mode(model):
         for _ in range(ball.steps):
-            grad = input_grad(model, p.flatten(0, 1), objective).view_as(p)
+            grad = input_grad(model, p.flatten(0, 1), objective).reshape_as(p)
             p = ball.step(p, x, grad)
     return p.detach()
 
