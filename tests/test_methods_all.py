@@ -10,10 +10,10 @@ import torch
 from conftest import LinearLogits
 from torch import nn
 
-from sweep.attacks import pgd
 from sweep.methods import METHODS
 from sweep.methods.base import Method
 from sweep.space import is_searched
+from sweep.training import TrainAttack
 
 EPS = 0.1
 N_TEACHERS = {"none": 0, "one": 1, "clean+robust": 2, "ensemble": 3}
@@ -49,11 +49,14 @@ def _setup(cls: type[Method], seed: int = 0):
         k: (v.low + v.high) / 2 if is_searched(v) and hasattr(v, "low") else v
         for k, v in cls.space.items()
     }
-    return cls(hp), student, teachers, x, y
+    method = cls(hp)
+    method.build(student, teachers, x, n_train=len(x))  # a no-op unless it owns parts (gacd)
+    return method, student, teachers, x, y
 
 
-def _attack(model, x, objective):
-    return pgd(model, x, objective, eps=EPS, steps=10)
+# the cell's training attack as a trial gives it (methods with a search of their own read its
+# eps, steps and step size): PGD-10 with Madry's step
+_attack = TrainAttack("pgd", EPS, steps=10, step_size=2.5 * EPS / 10)
 
 
 @pytest.mark.parametrize("name", METHODS.names())
