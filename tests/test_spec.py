@@ -42,7 +42,7 @@ def _problems(data):
         (
             {"name": "x", "grid": _grid(teacher_loss=[{"name": "mcmi", "params": {"lamda": 1}}])},
             "grid.teacher_loss[0].params.lamda",
-            ["not a parameter of 'mcmi'", "allowed: lambda, momentum"],
+            ["not a parameter of 'mcmi'", "allowed: centroids, lambda, momentum"],
         ),
         (
             {"name": "x", "grid": _grid(teacher_loss=[{"name": "trades", "params": {"beta": -1}}])},
