@@ -274,7 +274,11 @@ class TeacherEntry(StrictModel):
         elif self.finetune is not None and self.finetune.start_from is not None:
             parent = self.finetune.start_from
             parts.append(f"from={parent.label or parent._label(dict(parent.params))}")
-        elif "finetune" in self.model_fields_set and TEACHER_LOSSES.get(self.name).default_start:
+        elif (
+            self.finetune is None
+            and "finetune" in self.model_fields_set
+            and TEACHER_LOSSES.get(self.name).default_start
+        ):
             parts.append("from=scratch")
         return self.name + (f"({','.join(parts)})" if parts else "")
 

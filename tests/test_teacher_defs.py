@@ -178,7 +178,7 @@ def test_finetune_null_trains_mcmi_from_scratch_and_a_mapping_overrides_the_reci
     assert scratch.label == "mcmi(centroids=ema,from=scratch)"
     tuned = _one(_spec([{"name": "mcmi", "finetune": {"epochs": 2, "optim": {"lr": 0.01}}}]))
     assert tuned.epochs == 2 and tuned.optim_dict() == MCMI_OPTIM | {"lr": 0.01}
-    assert tuned.init.loss == "ce"
+    assert tuned.init.loss == "ce" and tuned.label == "mcmi"  # still the recipe, adjusted
 
 
 def test_finetune_from_any_teacher_entry_with_its_own_settings():

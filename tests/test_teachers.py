@@ -277,3 +277,22 @@ def test_a_fine_tuned_teacher_starts_from_its_parents_weights(tmp_path):
     # asked again, the fine-tuned teacher comes from the cache without its parent
     _, again = get_teacher(ctx, t, data, cpu)
     assert again.event == "cached"
+
+
+def test_mcmi_by_its_recipe_fine_tunes_a_ce_teacher_with_the_recipes_settings(tmp_path):
+    from conftest import runs_of
+
+    from sweep.context import get_splits
+    from sweep.teachers import get_teacher
+
+    cpu = torch.device("cpu")
+    ctx = _ctx(tmp_path, [{"name": "mcmi", "finetune": {"epochs": 1}}], teacher={"epochs": 1})
+    data = get_splits(ctx.spec, cpu)
+    (t,) = ctx.spec.teacher_variants().values()
+    _, rec = get_teacher(ctx, t, data, cpu)
+    assert rec.identity["optim"]["batch_size"] == 64 and rec.identity["optim"]["lr"] == 0.05
+    assert rec.identity["finetuned_from"]["loss"] == "ce"
+    assert rec.identity["dataset"]["crop_padding"] == "zeros"
+    runs = {r.data.tags["teacher_label"]: r.data for r in runs_of(ctx, "teacher")}
+    assert runs["mcmi"].tags["source"] == "finetuned" and runs["mcmi"].params["loss"] == "mcmi"
+    assert runs["ce"].tags["source"] == "trained"
