@@ -365,3 +365,37 @@ def test_storage_locations_from_the_environment_override_the_file(tmp_path, monk
     assert s.storage.teachers == "s3://bucket/teachers"
     assert s.storage.optuna == "postgresql+psycopg2://kd@db/optuna"
     assert s.storage.mlflow_tracking_uri == "http://mlflow.internal:5000"
+
+
+def test_ce_with_an_attack_is_pgd_at_with_it_and_runs_once(tmp_path):
+    import torch
+    from conftest import tiny_spec_dict
+
+    from sweep.methods import METHODS
+
+    data = tiny_spec_dict(
+        tmp_path,
+        grid={"teacher_loss": ["ce"], "method": ["ce", "pgd_at"], "train_attack": ["none", "pgd"]},
+        search_space={},
+    )
+    spec = parse_spec(data)
+    assert [c.key for c in spec.cells()] == ["none.ce.none", "none.pgd_at.pgd"]
+    ((dropped, kept),) = spec.same_cells()
+    assert (dropped.key, kept.key) == ("none.ce.pgd", "none.pgd_at.pgd")
+    # the reason: the same loss on the same x' (and the same inner objective)
+    net = torch.nn.Linear(4, 3)
+    x, y = torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    ce, at = METHODS.get("ce")({}), METHODS.get("pgd_at")({})
+    assert torch.equal(ce.loss(net, [], x, x, y), at.loss(net, [], x, x, y))
+    assert torch.equal(
+        ce.inner_objective(net, [], x, y)(net(x)), at.inner_objective(net, [], x, y)(net(x))
+    )
+    # only one of them in the grid: nothing is dropped
+    alone = parse_spec({**data, "grid": {**data["grid"], "method": ["ce"]}})
+    assert "none.ce.pgd" in [c.key for c in alone.cells()] and not alone.same_cells()
+
+
+def test_optimiser_defaults_are_the_literatures():
+    from sweep.spec import OptimSpec
+
+    assert OptimSpec().weight_decay == 2e-4 and OptimSpec().momentum == 0.9
