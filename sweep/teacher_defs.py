@@ -26,14 +26,14 @@ Where a teacher starts (an entry, or a teacher-set member, may say):
            checkpoint: {uri: s3://b/trades.pt, sha256: <64 hex>, arch: wrn34_10,
                         format: robustbench}}
         - mcmi                               # its paper's recipe: fine-tunes {name: ce}
-        - {name: mcmi, finetune: null, params: {centroids: ema}}   # from scratch instead
+        - {name: mcmi, start: scratch, params: {centroids: ema}}   # from scratch instead
 
 `finetune.from` is itself a teacher entry (a loss name or a mapping, with its own params, arch,
 epochs, seed, finetune or checkpoint), self-contained: it names no other grid label, and gets
 the sweep's teacher defaults for what it does not say. `finetune.epochs` (default: the loss's
 recipe, else `teacher.epochs`) and `finetune.optim` (fields of `teacher.optim` to override) are
 the fine-tuning's. A loss with a default start (TeacherLoss.default_start: `mcmi`) fine-tunes by
-that recipe unless the entry says `finetune: null`; a `finetune` mapping overrides the recipe
+that recipe unless the entry says `start: scratch`; a `finetune` mapping overrides the recipe
 field by field. A `checkpoint` teacher is loaded, not trained (epochs 0): its loss name only
 documents how it was trained; its sha256 (and format) is its identity, not its URI.
 """
@@ -55,6 +55,11 @@ Scalar = float | int | str | None  # str: a choice parameter (mcmi's centroids)
 # The fields of spec.OptimSpec (teacher.optim), which `finetune.optim` may override; the values
 # are checked by OptimSpec itself (_check_optim).
 OPTIM_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule")
+# `start:` of an entry. default: the loss's default start (TeacherLoss.default_start: mcmi
+# fine-tunes ce; other losses train from scratch), or the entry's finetune/checkpoint; scratch:
+# from scratch even where the loss has a default start. A value, not `finetune: null`, so that a
+# dumped sweep (every field written out) parses back to the same teachers.
+Start = Literal["default", "scratch"]
 # What a method says about its teachers (Method.teacher_set).
 TEACHER_SET_KINDS = ("none", "one", "clean+robust", "ensemble")
 
@@ -215,7 +220,8 @@ class TeacherEntry(StrictModel):
     arch: str | None = None
     epochs: int | None = Field(None, gt=0)
     seed: int | None = None
-    finetune: FinetuneSpec | None = None  # unset: the loss's default start; null: from scratch
+    start: Start = "default"
+    finetune: FinetuneSpec | None = None
     checkpoint: CheckpointSpec | None = None
 
     @model_validator(mode="before")
@@ -238,7 +244,7 @@ class TeacherEntry(StrictModel):
         check_params(self.name, self.params, lists=True)
         if self.label and any(isinstance(v, list) and len(v) > 1 for v in self.params.values()):
             raise ValueError("label: a label names one teacher; drop it or give single values")
-        check_start(self.checkpoint, self.finetune, "finetune" in self.model_fields_set, self)
+        check_start(self)
         return self
 
     def expand(self, defaults: TeacherDefaults) -> list[TeacherDef]:
@@ -259,7 +265,7 @@ class TeacherEntry(StrictModel):
                     epochs=self.epochs,
                     seed=self.seed,
                     finetune=self.finetune,
-                    finetune_given="finetune" in self.model_fields_set,
+                    scratch=self.start == "scratch",
                     checkpoint=self.checkpoint,
                 )
             )
@@ -274,11 +280,7 @@ class TeacherEntry(StrictModel):
         elif self.finetune is not None and self.finetune.start_from is not None:
             parent = self.finetune.start_from
             parts.append(f"from={parent.label or parent._label(dict(parent.params))}")
-        elif (
-            self.finetune is None
-            and "finetune" in self.model_fields_set
-            and TEACHER_LOSSES.get(self.name).default_start
-        ):
+        elif self.start == "scratch" and TEACHER_LOSSES.get(self.name).default_start:
             parts.append("from=scratch")
         return self.name + (f"({','.join(parts)})" if parts else "")
 
@@ -287,22 +289,23 @@ class TeacherEntry(StrictModel):
         return t
 
 
-def check_start(
-    checkpoint: CheckpointSpec | None, finetune: FinetuneSpec | None, finetune_given: bool, entry
-) -> None:
-    """A teacher starts one way: a checkpoint is loaded (no epochs, seed or fine-tuning)."""
+def check_start(entry: TeacherEntry | TeacherOverride) -> None:
+    """A teacher starts one way: from scratch, a fine-tune, or a checkpoint (loaded: no epochs,
+    seed or fine-tuning)."""
+    checkpoint, finetune = entry.checkpoint, entry.finetune
+    if entry.start == "scratch" and (checkpoint is not None or finetune is not None):
+        raise ValueError("start: scratch contradicts finetune/checkpoint; give one")
     if checkpoint is None:
         return
     if finetune is not None:
         raise ValueError(
-            "give checkpoint or finetune, not both (to fine-tune a checkpoint, put "
-            "it under finetune.from)"
+            "give checkpoint or finetune, not both (to fine-tune a checkpoint, put it under "
+            "finetune.from)"
         )
-    if getattr(entry, "epochs", None) is not None or getattr(entry, "seed", None) is not None:
+    if entry.epochs is not None or entry.seed is not None:
         raise ValueError("epochs/seed: a teacher loaded from a checkpoint is not trained")
-    arch = getattr(entry, "arch", None)
-    if arch and checkpoint.arch and arch != checkpoint.arch:
-        raise ValueError(f"arch ({arch}) disagrees with checkpoint.arch ({checkpoint.arch})")
+    if entry.arch and checkpoint.arch and entry.arch != checkpoint.arch:
+        raise ValueError(f"arch ({entry.arch}) disagrees with checkpoint.arch ({checkpoint.arch})")
 
 
 def resolve(
@@ -315,7 +318,7 @@ def resolve(
     epochs: int | None = None,
     seed: int | None = None,
     finetune: FinetuneSpec | None = None,
-    finetune_given: bool = False,
+    scratch: bool = False,
     checkpoint: CheckpointSpec | None = None,
 ) -> TeacherDef:
     """The TeacherDef of one teacher: loaded, fine-tuned (explicitly or by the loss's default
@@ -332,7 +335,7 @@ def resolve(
             checkpoint=checkpoint.ref(),
         )
     recipe = TEACHER_LOSSES.get(loss).default_start
-    if finetune is None and (finetune_given or recipe is None):
+    if finetune is None and (scratch or recipe is None):
         return defaults.make(label, loss, given, arch=arch, epochs=epochs, seed=seed)
     ft = finetune or FinetuneSpec()
     if epochs is not None:
@@ -373,6 +376,7 @@ class TeacherOverride(StrictModel):
     arch: str | None = None
     epochs: int | None = Field(None, gt=0)
     seed: int | None = None
+    start: Start = "default"
     finetune: FinetuneSpec | None = None
     checkpoint: CheckpointSpec | None = None
 
@@ -390,13 +394,13 @@ class TeacherOverride(StrictModel):
     def _params(self) -> TeacherOverride:
         if self.loss is not None:
             check_params(self.loss, self.params)
-        check_start(self.checkpoint, self.finetune, "finetune" in self.model_fields_set, self)
+        check_start(self)
         return self
 
     @property
     def restarts(self) -> bool:
         """Whether it says where the teacher starts (then it is resolved afresh)."""
-        return self.checkpoint is not None or "finetune" in self.model_fields_set
+        return self.checkpoint is not None or self.finetune is not None or self.start == "scratch"
 
 
 FinetuneSpec.model_rebuild()
@@ -497,7 +501,7 @@ def apply_override(
         changed_seed = o.seed is not None and seed != base.seed
         fine_tunes = o.checkpoint is None and (
             o.finetune is not None
-            or ("finetune" not in o.model_fields_set and TEACHER_LOSSES.get(loss).default_start)
+            or (o.start != "scratch" and TEACHER_LOSSES.get(loss).default_start)
         )
         return resolve(
             defaults,
@@ -509,7 +513,7 @@ def apply_override(
             epochs=o.epochs if (fine_tunes or o.checkpoint or derived) else o.epochs or base.epochs,
             seed=seed if (changed_seed or not derived) else None,
             finetune=o.finetune,
-            finetune_given="finetune" in o.model_fields_set,
+            scratch=o.start == "scratch",
             checkpoint=o.checkpoint,
         )
     if base.checkpoint is not None:

@@ -172,8 +172,8 @@ def test_mcmi_means_its_authors_recipe_a_fine_tune_of_a_ce_teacher():
     assert mobile.optim_dict()["lr"] == 0.005
 
 
-def test_finetune_null_trains_mcmi_from_scratch_and_a_mapping_overrides_the_recipe():
-    scratch = _one(_spec([{"name": "mcmi", "finetune": None, "params": {"centroids": "ema"}}]))
+def test_start_scratch_trains_mcmi_from_scratch_and_a_mapping_overrides_the_recipe():
+    scratch = _one(_spec([{"name": "mcmi", "start": "scratch", "params": {"centroids": "ema"}}]))
     assert scratch.source == "trained" and scratch.init is None and scratch.optim is None
     assert scratch.label == "mcmi(centroids=ema,from=scratch)"
     tuned = _one(_spec([{"name": "mcmi", "finetune": {"epochs": 2, "optim": {"lr": 0.01}}}]))
@@ -227,6 +227,8 @@ def test_finetune_from_any_teacher_entry_with_its_own_settings():
         ({"name": "trades", "checkpoint": CKPT | {"format": "keras"}}, "format"),
         ({"name": "trades", "checkpoint": CKPT, "arch": "resnet18"}, "disagrees"),
         ({"name": "mcmi", "epochs": 3}, "give finetune.epochs"),
+        ({"name": "mcmi", "start": "scratch", "finetune": {"from": "ce"}}, "contradicts"),
+        ({"name": "mcmi", "start": "fresh"}, "start"),
         ({"name": "mcmi", "params": {"centroids": "running"}}, "must be one of full_pass, ema"),
     ],
 )
@@ -337,3 +339,26 @@ def test_teacher_sets_take_checkpoints_and_recipes_too():
 def test_a_bare_entry_still_parses_as_before():
     e = TeacherEntry.model_validate("ce")
     assert e.name == "ce" and e.finetune is None and e.checkpoint is None
+
+
+def test_a_dumped_sweep_parses_back_to_the_same_teachers():
+    from sweep.spec import spec_to_dict
+
+    spec = _spec(
+        [
+            "mcmi",
+            {"name": "mcmi", "start": "scratch", "label": "mcmi_scratch"},
+            {"name": "trades", "label": "ft", "finetune": {"from": {"name": "ce", "epochs": 2}}},
+            {"name": "trades", "label": "wrn", "checkpoint": CKPT},
+        ],
+        teacher_sets={"robust": {"loss": "trades", "checkpoint": CKPT}},
+    )
+    again = parse_spec(spec_to_dict(spec))
+    assert again.teacher_variants() == spec.teacher_variants()
+    assert [t.source for t in again.teacher_variants().values()] == [
+        "finetuned",
+        "trained",
+        "finetuned",
+        "checkpoint",
+    ]
+    assert again.teacher_sets == spec.teacher_sets
