@@ -14,8 +14,8 @@ Formats:
   wide_resnet.py, read 2026-11), e.g. `Zhang2019Theoretically` = WideResNet(34, 10,
   sub_block1=True). Its parameter names are TRADES's, which our `WideResNet` keeps (conv1,
   block{1,2,3}.layer.<i>.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc; its ReLUs have no state);
-  the unused `sub_block1` is dropped; a `module.` prefix (DataParallel) and a {"state_dict": ..}
-  or {"model": ..} wrapper are removed, as RobustBench's load_model does. Its models take [0, 1]
+  the unused `sub_block1` is dropped; `module.` / `model.` prefixes and a {"state_dict": ..}
+  wrapper are removed, as RobustBench's load_model does. Its models take [0, 1]
   inputs without normalisation, so our Normalize layer is set to the identity (mean 0, std 1).
   Its forward pools with avg_pool2d(8) where ours pools adaptively: equal on 32x32 inputs.
 """
@@ -64,12 +64,12 @@ def verified_state(blob: bytes, sha256: str, who: str, uri: str) -> dict[str, An
 
 
 def _unwrap(state: dict[str, Any]) -> dict[str, Any]:
-    """RobustBench's load_model: a {"state_dict": ...} or {"model": ...} wrapper, and the
-    `module.` prefix DataParallel adds, removed."""
+    """As RobustBench's load_model: a {"state_dict": ...} (or {"model": ...}) wrapper, and the
+    `module.` (DataParallel) and `model.` prefixes, removed."""
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), dict):
             state = state[key]
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
 
 
 def from_robustbench(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
