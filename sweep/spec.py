@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from .attack_defs import TrainAttackSpec
 from .attacks import ATTACKS
 from .data import DATASETS
 from .evaluate import EVAL_ATTACKS, evaluation_attack_names
@@ -135,12 +136,6 @@ class ThreatSpec(StrictModel):
                 f"{self.eps}); 8/255 = 0.0314 is the usual CIFAR value"
             )
         return self
-
-
-class TrainAttackSpec(StrictModel):
-    steps: int = Field(5, gt=0, description="iterative attacks only")
-    step_size: float | None = Field(None, gt=0, le=1, description="default 2.5*eps/steps")
-    eps: float | None = Field(None, ge=0, le=1, description="default: threat.eps")
 
 
 class AttackRun(StrictModel):

@@ -39,7 +39,7 @@ from .spec import SweepSpec, dump_spec
 from .teacher_losses import TEACHER_LOSSES
 from .teachers import get_teachers
 from .tracking import Tracker
-from .training import Diverged, TrainAttack, make_optimization, seed_everything, student_epoch
+from .training import Diverged, make_optimization, seed_everything, student_epoch
 
 Report = Callable[[dict[str, float], dict[str, Any]], None]  # (metrics, checkpoint state)
 
@@ -75,7 +75,9 @@ def trial_params(spec: SweepSpec, config: TrialConfig) -> dict[str, Any]:
         "student_arch": spec.student.arch,
         "teacher_arch": spec.teacher.arch,
         "eps": spec.threat.eps,
-        "train_attack_steps": spec.train_attack.steps,
+        **spec.train_attack.resolve(
+            config.train_attack, spec.threat.eps, spec.threat.norm
+        ).log_params(),
     }
 
 
@@ -271,10 +273,7 @@ def run_trial(
     if start:
         print(f"{key}: continuing from epoch {start} in MLflow run {run_id}", flush=True)
 
-    eps = spec.train_attack.eps if spec.train_attack.eps is not None else spec.threat.eps
-
-    ta = spec.train_attack
-    attack = TrainAttack(config.train_attack, eps, ta.steps, ta.step_size, spec.threat.norm)
+    attack = spec.train_attack.resolve(config.train_attack, spec.threat.eps, spec.threat.norm)
 
     try:
         for epoch in range(start + 1, spec.budget.epochs + 1):

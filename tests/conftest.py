@@ -126,7 +126,7 @@ def tiny_spec_dict(tmp_path, **over):
         "teacher": {"epochs": 2},
         "grid": {"teacher_loss": ["ce", "mse"], "method": ["kd", "ard"], "train_attack": ["pgd"]},
         "threat": {"eps": 0.1},
-        "train_attack": {"steps": 2},
+        "train_attack": {"pgd": {"steps": 2}},
         "search_space": {
             "temperature": {"type": "float", "low": 1.0, "high": 4.0},
             "alpha": {"type": "float", "low": 0.2, "high": 0.8},

@@ -76,6 +76,7 @@ def _step_loss(name: str, student, teachers, x, y, attack=_attack, seed: int = 0
     """What run_trial's step does: x' from the method's inner maximisation, then its loss."""
     torch.manual_seed(seed)  # the attack's random start
     method = METHODS.get(name)(HP[name])
+    method.build(student, teachers, x, n_train=len(x))  # as a trial does (gacd's heads)
     x_adv = method.adversarial(student, teachers, x, y, attack)
     return method.loss(student, teachers, x, x_adv, y)
 
@@ -241,8 +242,10 @@ def test_teachers_run_once_per_training_step(name, attack, per_step):
     data = _digits_like()
     student = _net(0)
     teachers = [_frozen(_net(10 + k)) for k in range(TEACHERS[METHODS.get(name).teacher_set])]
-    counters = [_count_calls(t) for t in teachers]
     method = METHODS.get(name)(HP[name])
+    # before the counters: build() runs each teacher once to read its feature width (gacd)
+    method.build(student, teachers, data.x_train[:16], len(data.x_train))
+    counters = [_count_calls(t) for t in teachers]
     optim = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
     optim |= {"batch_size": 16, "schedule": "constant"}
     opt, sched = make_optimization(student, optim, 1, len(data.x_train))

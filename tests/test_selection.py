@@ -68,7 +68,7 @@ def test_report_and_evaluate_name_the_same_best_run_of_every_cell(tmp_path):
         name="pick",
         grid={"teacher_loss": ["ce"], "method": ["kd", "ce"], "train_attack": ["pgd"]},
         teacher={"epochs": 1},
-        train_attack={"steps": 1},
+        train_attack={"pgd": {"steps": 1}},
         search_space={"lr": {"type": "log_float", "low": 1e-4, "high": 0.3}},
         budget={"trials_per_cell": 4, "epochs": 2, "grace_period": 1, "reduction_factor": 2},
         repeats=1,

@@ -4,10 +4,9 @@ about it without running it."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -18,10 +17,20 @@ from ..models import forward_features
 from ..registry import Registry
 from ..space import FloatParam, SearchParam
 
-# The cell's training attack, configured (algorithm from the grid's train_attack axis, eps and
-# steps from the file): attack(model, x, objective) -> x' maximising objective(model(x')) in the
-# eps-ball. For train_attack 'none' it returns x unchanged.
-Attack = Callable[[nn.Module, torch.Tensor, AttackObjective], torch.Tensor]
+
+class Attack(Protocol):
+    """The cell's training attack, configured (algorithm from the grid's train_attack axis, its
+    settings from the file's train_attack block; a training.TrainAttack): attack(model, x,
+    objective, start=None) -> x' maximising objective(model(x')) in the eps-ball, from `start`
+    when given (TRADES's x + 0.001 * N(0, 1)). For train_attack 'none' it returns x unchanged."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        objective: AttackObjective,
+        start: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 class Method:
