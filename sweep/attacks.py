@@ -169,6 +169,9 @@ class AttackInfo:
     norms: tuple[str, ...] = ("linf",)
     train_steps: int | None = None
     train_step: StepRule | None = None
+    # the evaluation step when the file sets none: the function's own default, declared so that
+    # `sweep validate` can print it (tests check the two agree)
+    eval_step: StepRule | None = None
     params: Mapping[str, AttackParam] = field(default_factory=dict)
 
 
@@ -310,7 +313,12 @@ def no_attack(
     return x
 
 
-@ATTACKS.register("fgsm", summary="FGSM, one step of size eps", train_step=StepRule(1.0))
+@ATTACKS.register(
+    "fgsm",
+    summary="FGSM, one step of size eps",
+    train_step=StepRule(1.0),
+    eval_step=StepRule(1.0),
+)
 def fgsm(
     model: nn.Module,
     x: torch.Tensor,
@@ -345,6 +353,7 @@ def fgsm(
     objective=cw_inf_objective,
     train_steps=10,
     train_step=StepRule(0.25),
+    eval_step=StepRule(2.5, per_step=True),
     params={
         "kappa": AttackParam(
             CW_KAPPA,
@@ -362,6 +371,7 @@ def fgsm(
     norms=NORMS,
     train_steps=10,
     train_step=StepRule(0.25),
+    eval_step=StepRule(2.5, per_step=True),
 )
 def pgd(
     model: nn.Module,
@@ -404,6 +414,7 @@ def pgd(
     "fgsm_rs",
     summary="FGSM from a random start, step 1.25*eps (Wong et al. 2020)",
     train_step=StepRule(1.25),
+    eval_step=StepRule(1.25),
 )
 def fgsm_rs(
     model: nn.Module,
@@ -438,6 +449,7 @@ def fgsm_rs(
     iterative=True,
     train_steps=10,
     train_step=StepRule(1.0, per_step=True),
+    eval_step=StepRule(1.0, per_step=True),
     params={
         "decay": AttackParam(
             1.0, low=0.0, doc="momentum mu of the accumulated gradient (Dong et al.: 1.0)"

@@ -35,6 +35,7 @@ def _load(path: str, name: str | None = None) -> Any:
 
 def plan(spec: Any) -> str:
     """What `sweep validate` prints: cells, trials, epochs, spaces."""
+    from .protocol import protocol_lines
     from .space import describe
     from .teacher_defs import fmt_value
 
@@ -84,7 +85,7 @@ def plan(spec: Any) -> str:
             "refit: each cell's best configuration is retrained on train + validation for its "
             "final numbers"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + protocol_lines(spec))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

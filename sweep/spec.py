@@ -80,6 +80,7 @@ class OptimSpec(StrictModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = Field(False, description="plain momentum, as the references train")
     weight_decay: float = Field(
         2e-4, ge=0, description="2e-4 as TRADES, ARD, RSLAD and MTARD train on CIFAR-10"
     )

@@ -37,7 +37,8 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(params: Any, optim: dict[str, Any]) -> torch.optim.Optimizer:
-    """`optim` holds optimizer, lr, momentum, weight_decay (possibly tuned values)."""
+    """`optim` holds optimizer, lr, momentum, weight_decay (possibly tuned values) and nesterov
+    (default off: TRADES, ARD, RSLAD, MTARD and MCMI train with plain SGD momentum)."""
     if optim["optimizer"] == "adam":
         return torch.optim.Adam(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
     return torch.optim.SGD(
@@ -45,7 +46,7 @@ def make_optimizer(params: Any, optim: dict[str, Any]) -> torch.optim.Optimizer:
         lr=optim["lr"],
         momentum=optim["momentum"],
         weight_decay=optim["weight_decay"],
-        nesterov=optim["momentum"] > 0,
+        nesterov=bool(optim.get("nesterov")) and optim["momentum"] > 0,
     )
 
 

@@ -35,6 +35,7 @@ from .fast import maybe_compile
 from .fidelity import UNDECLARED
 from .measure import test_metrics, validation_metrics
 from .methods import METHODS
+from .protocol import protocol
 from .spec import SweepSpec, dump_spec
 from .teacher_losses import TEACHER_LOSSES
 from .teachers import get_teachers
@@ -75,6 +76,7 @@ def trial_params(spec: SweepSpec, config: TrialConfig) -> dict[str, Any]:
         "student_arch": spec.student.arch,
         "teacher_arch": spec.teacher.arch,
         "eps": spec.threat.eps,
+        **{f"protocol/{k}": v for k, v in protocol(spec).items()},
         **spec.train_attack.resolve(
             config.train_attack, spec.threat.eps, spec.threat.norm
         ).log_params(),

@@ -514,3 +514,24 @@ def test_evaluation_default_step_of_pgd_is_still_madrys():
     pgd(rec, x, ce_objective(y), eps=0.2, steps=10, random_start=False)
     step = (rec.seen[1] - rec.seen[0]).abs()
     assert torch.allclose(step[step > 0], torch.tensor(0.05))
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgsm_rs", "pgd", "cw_inf", "mifgsm"])
+def test_declared_evaluation_step_is_the_step_the_function_takes(name):
+    """`AttackInfo.eval_step` is what `sweep validate` prints as the evaluation step: it must be
+    the step the function takes when the file sets none. The first move of a deterministic
+    start (x in the middle of [0, 1], a start given where the attack would draw one) is one
+    step; with a step larger than eps it would be cut at the ball, so eps is large here."""
+    info = ATTACKS.get(name)
+    model = _linear()
+    x, y = _batch()
+    x = 0.4 + 0.2 * x
+    rec = Recorder(model)
+    eps, steps = 0.3, 4
+    objective = info.objective(y)
+    info.fn(rec, x, objective, eps=eps, steps=steps, start=x.clone())
+    moved = (rec.seen[1] - rec.seen[0]).abs() if len(rec.seen) > 1 else None
+    if moved is None:  # one-step attacks: the output is the one step from the start
+        moved = (info.fn(model, x, objective, eps=eps, steps=steps, start=x.clone()) - x).abs()
+    expected = info.eval_step(eps, steps)
+    assert torch.allclose(moved[moved > 1e-9], torch.tensor(min(expected, eps)), atol=1e-6)
