@@ -52,9 +52,6 @@ from .space import StrictModel
 from .teacher_losses import TEACHER_LOSSES
 
 Scalar = float | int | str | None  # str: a choice parameter (mcmi's centroids)
-# The fields of spec.OptimSpec (teacher.optim), which `finetune.optim` may override; the values
-# are checked by OptimSpec itself (_check_optim).
-OPTIM_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule")
 # `start:` of an entry. default: the loss's default start (TeacherLoss.default_start: mcmi
 # fine-tunes ce; other losses train from scratch), or the entry's finetune/checkpoint; scratch:
 # from scratch even where the loss has a default start. A value, not `finetune: null`, so that a
@@ -106,9 +103,10 @@ def _check_optim(optim: dict[str, Any]) -> None:
     """`finetune.optim` keys and values as `teacher.optim` would take them."""
     from .spec import OptimSpec  # lazily: spec imports this module
 
-    unknown = sorted(set(optim) - set(OPTIM_KEYS))
+    allowed = list(OptimSpec.model_fields)  # the fields of teacher.optim, which it may override
+    unknown = sorted(set(optim) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown field {unknown}; allowed: {', '.join(OPTIM_KEYS)}")
+        raise ValueError(f"unknown field {unknown}; allowed: {', '.join(allowed)}")
     OptimSpec.model_validate(optim)
 
 

@@ -215,7 +215,7 @@ def test_finetune_from_any_teacher_entry_with_its_own_settings():
     [
         ({"name": "trades", "finetune": {"epochs": 3}}, "finetune.from: required"),
         ({"name": "ce", "finetune": {"from": "ce", "optim": {"lr": -1}}}, "lr"),
-        ({"name": "ce", "finetune": {"from": "ce", "optim": {"nesterov": True}}}, "allowed:"),
+        ({"name": "ce", "finetune": {"from": "ce", "optim": {"nesterv": True}}}, "allowed:"),
         ({"name": "ce", "finetune": {"from": "ce", "optm": {}}}, "allowed: epochs, from, optim"),
         (
             {"name": "ce", "finetune": {"from": {"name": "mcmi", "params": {"lambda": [1, 2]}}}},
