@@ -58,9 +58,14 @@ def plan(spec: Any) -> str:
         lines.append(f"teachers ({len(teachers)}, each trained once and cached by content):")
         for t in teachers:
             params = ", ".join(f"{k}={fmt_value(v)}" for k, v in t.params) or "-"
-            lines.append(
-                f"  {t.label:<28} {t.loss} ({params}) {t.arch}, {t.epochs} epochs, seed {t.seed}"
-            )
+            how = {
+                "trained": f"{t.epochs} epochs",
+                "finetuned": f"fine-tunes {t.init.label} {t.epochs} epochs" if t.init else "",
+                "checkpoint": f"loaded from {t.checkpoint.uri} ({t.checkpoint.format})"
+                if t.checkpoint
+                else "",
+            }[t.source]
+            lines.append(f"  {t.label:<28} {t.loss} ({params}) {t.arch}, {how}, seed {t.seed}")
     lines.append("cells (teacher_loss.method.train_attack):")
     for c in cells:
         space = spec.cell_space(c.method)

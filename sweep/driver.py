@@ -33,6 +33,7 @@ from .search import CellASHA, CellSearcher
 from .spec import SweepSpec, dump_spec
 from .status import cell_status, status_table
 from .store import is_remote
+from .teacher_defs import teacher_generations
 from .teachers import get_teacher
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
 from .trial import finalize_from_state, run_trial
@@ -402,7 +403,13 @@ def _train_teachers_first(ctx: SweepContext, embedded: bool) -> None:
         _, record = get_teacher(ctx, t, get_splits(spec, device), device)
         return f"{t.label} ({record.hash[:10]})"
 
-    ready = _with_trial_resources(ctx, train, teachers, embedded)
+    # parents before the teachers fine-tuned from them, one generation at a time: two children
+    # of one parent on two machines would otherwise each train it
+    ready = [
+        r
+        for generation in teacher_generations(teachers)
+        for r in _with_trial_resources(ctx, train, generation, embedded)
+    ]
     print(f"teachers ready: {', '.join(ready)}", flush=True)
 
 

@@ -580,3 +580,23 @@ def teacher_set(
             for o in sets.ensemble.overrides()
         ]
     raise ValueError(f"unknown teacher set kind {kind!r}; allowed: {', '.join(TEACHER_SET_KINDS)}")
+
+
+def teacher_generations(teachers: list[TeacherDef]) -> list[list[TeacherDef]]:
+    """Every teacher and the teachers they are fine-tuned from, each once (by content), grouped
+    by depth: those that start from nothing first, then those fine-tuned from them, and so on.
+    Each group can be made in parallel once the groups before it exist."""
+    seen: dict[TeacherDef, TeacherDef] = {}
+    depth: dict[TeacherDef, int] = {}
+
+    def walk(t: TeacherDef) -> int:
+        key = replace(t, label="")
+        if key not in depth:
+            depth[key] = 0 if t.init is None else 1 + walk(t.init)
+            seen[key] = t
+        return depth[key]
+
+    for t in teachers:
+        walk(t)
+    levels = sorted(set(depth.values()))
+    return [[seen[k] for k in seen if depth[k] == d] for d in levels]

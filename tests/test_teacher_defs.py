@@ -362,3 +362,23 @@ def test_a_dumped_sweep_parses_back_to_the_same_teachers():
         "checkpoint",
     ]
     assert again.teacher_sets == spec.teacher_sets
+
+
+def test_teacher_generations_put_each_parent_before_its_children_once():
+    from sweep.teacher_defs import teacher_generations
+
+    # two mcmi teachers fine-tune the same ce (their default start), which the grid also has,
+    # and a trades teacher fine-tunes one of them
+    spec = _spec(
+        [
+            "ce",
+            {"name": "mcmi", "params": {"lambda": [0.1, 0.25]}},
+            {"name": "trades", "finetune": {"from": {"name": "mcmi"}, "epochs": 1}},
+        ]
+    )
+    gens = teacher_generations(spec.all_teachers())
+    assert [sorted(t.loss for t in g) for g in gens] == [["ce"], ["mcmi", "mcmi"], ["trades"]]
+    assert len({_hash(spec, t) for g in gens for t in g}) == 4  # the shared ce once
+    # its parent, {name: mcmi}, is mcmi(lambda=0.25) by content (0.25 is the default)
+    parent = dataclasses.replace(gens[2][0].init, label="")
+    assert parent in [dataclasses.replace(t, label="") for t in gens[1]]
