@@ -49,14 +49,25 @@ def read_bytes(uri: str) -> bytes:
     return blob
 
 
-def verified_state(blob: bytes, sha256: str, who: str, uri: str) -> dict[str, Any]:
-    """The state dict in `blob`, only if its sha256 is `sha256` (then weights_only)."""
+def check_sha256(blob: bytes, sha256: str, who: str, uri: str) -> None:
+    """Refuse bytes whose sha256 is not the one the sweep file pins."""
     actual = hashlib.sha256(blob).hexdigest()
     if actual != sha256.lower():
         raise CheckpointError(
             f"teacher {who}: checkpoint {uri} has sha256 {actual}, the sweep file expects "
             f"{sha256.lower()}; refusing to load it (nothing was unpickled)"
         )
+
+
+def verify_file(uri: str, sha256: str, who: str) -> None:
+    """The file exists and has the pinned sha256: checked by `sweep run` before any trial
+    starts (a wrong file is bad input, not a failed trial). Nothing is unpickled."""
+    check_sha256(read_bytes(uri), sha256, who, uri)
+
+
+def verified_state(blob: bytes, sha256: str, who: str, uri: str) -> dict[str, Any]:
+    """The state dict in `blob`, only if its sha256 is `sha256` (then weights_only)."""
+    check_sha256(blob, sha256, who, uri)
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"teacher {who}: {uri} holds a {type(state).__name__}, not a dict")

@@ -93,8 +93,34 @@ def plan(spec: Any) -> str:
     return "\n".join(lines + protocol_lines(spec))
 
 
+def checkpoint_problems(spec: Any) -> list[str]:
+    """Each teacher checkpoint of the sweep (fine-tune parents included) that is missing or
+    does not have its pinned sha256."""
+    from .checkpoint_formats import CheckpointError, verify_file
+
+    problems, seen = [], set()
+
+    def walk(t: Any) -> None:
+        if t.init is not None:
+            walk(t.init)
+        c = t.checkpoint
+        if c is not None and c.sha256 not in seen:
+            seen.add(c.sha256)
+            try:
+                verify_file(c.uri, c.sha256, t.label)
+            except (CheckpointError, OSError) as e:
+                problems.append(str(e))
+
+    for t in spec.all_teachers():
+        walk(t)
+    return problems
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    print(plan(_load(args.file)))
+    spec = _load(args.file)
+    print(plan(spec))
+    for p in checkpoint_problems(spec):  # the file may live on the cluster only: a note here
+        print(f"note: {p}; `sweep run` refuses to start until it is there and pinned")
     print("ok")
     return 0
 
@@ -102,6 +128,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args.file, args.name)
     print(plan(spec), flush=True)
+    problems = checkpoint_problems(spec)
+    if problems:
+        return _fail(f"{args.file}: grid.teacher_loss: " + "\n".join(problems))
     from .driver import NotEnoughResources, SweepExists, run_sweep  # Ray: once the file is good
 
     try:

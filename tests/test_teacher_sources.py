@@ -80,3 +80,26 @@ def test_a_sweep_with_a_loaded_and_a_fine_tuned_teacher_records_where_each_came_
     by_cell = {s.data.tags["cell"]: s.data.tags["teacher_hash"] for s in students}
     assert by_cell["users.kd.none"] == users.tags["teacher_hash"]
     assert by_cell["mse_ft.kd.none"] == ft.tags["teacher_hash"]
+
+
+def test_a_missing_or_unpinned_checkpoint_stops_sweep_run_before_any_trial(tmp_path):
+    spec = tiny_spec_dict(tmp_path, name="pinned")
+    path, sha = _checkpoint(tmp_path, spec)
+    wrong = "0" * 64
+    spec["grid"] = {
+        "teacher_loss": [{"name": "ce", "checkpoint": {"uri": path, "sha256": wrong}}],
+        "method": ["kd"],
+        "train_attack": ["pgd"],
+    }
+    (tmp_path / "pinned.yaml").write_text(yaml.safe_dump(spec))
+    # validate is a static check (the file may live on the cluster only): a note, exit 0
+    out = sweep_cli(tmp_path, "validate", "pinned.yaml")
+    assert out.returncode == 0 and f"has sha256 {sha}, the sweep file expects {wrong}" in out.stdout
+    # run refuses before Ray starts: nothing is written, no trial runs
+    out = sweep_cli(tmp_path, "run", "pinned.yaml")
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "pinned.yaml: grid.teacher_loss: teacher" in out.stderr and sha in out.stderr
+    assert not (tmp_path / "sweeps" / "pinned").exists()
+    (tmp_path / "users_teacher.pt").unlink()
+    out = sweep_cli(tmp_path, "run", "pinned.yaml")
+    assert out.returncode == 2 and f"no file at {path}" in out.stderr
