@@ -25,6 +25,10 @@ OUR RECONSTRUCTION, per example x with label y, M = `n_particles` particles x_1.
   robust, so the particles attack it (as in ARD) and the teachers judge them. Attacking each
   teacher instead (our first version) left the student never seeing an attack on itself: on
   digits it reached 0.18-0.19 validation robust accuracy where ARD reached 0.69-0.75.
+  Measured since (digits, eps 0.1, 8 epochs, 5 training steps of 0.05, 2 seeds, PGD-10 on 144
+  validation examples): with two CE teachers 0.67-0.70 against ARD's 0.88-0.89 (0.72-0.76
+  without the repulsion), the CE teachers' logits on the particles being a worse target than
+  ARD's T(x); with two PGD-AT teachers 0.84-0.88 against ARD's 0.88-0.89.
 - Kernel: RBF on the flattened perturbations, k(a, b) = exp(-||a - b||^2 / h) with
   h = med / log(M + 1), med the median of the M x M squared pairwise distances (zero diagonal
   included), per example: the median heuristic as in Liu & Wang 2016's released svgd.py (their
@@ -35,12 +39,14 @@ OUR RECONSTRUCTION, per example x with label y, M = `n_particles` particles x_1.
   mechanics as PGD, so eps and steps mean what they mean for the other methods. The paper's
   summaries write a raw eta * phi step, whose useful eta depends on the network's gradient scale.
   The two terms of phi are not rescaled: which one decides sign(phi) depends on the scale of
-  the student's input gradients (the repulsion wins where they are small).
+  the student's input gradients (the repulsion wins where they are small). On a CE-trained
+  digits network, from the same starts, SVGD particles reach CE 0.54 (accuracy 0.87) where
+  independent ascents reach 1.37 (0.52): the repulsion buys spread with attack strength.
 - Weights: per example and particle, each teacher weighted by its probability of the true label
   on that particle (a teacher the particle fooled is trusted less): ours, the paper's rule not
   recovered. Every teacher sees every particle, so the weights compare teachers on one input.
 - No cross-entropy and no clean term: the student learns from the amalgamated target only.
-- Cost: M x steps student gradients (4x an ARD step at M = 4), and M forwards of each teacher.
+- Cost: M x steps student input gradients (4x ARD's attack at M = 4), M forwards per teacher.
 """
 
 from __future__ import annotations

@@ -34,6 +34,9 @@ OUR RECONSTRUCTION (not a verified reproduction), per example x with label y:
 - One weight, `polytope_weight` (the paper's lambda; a distinct key, so a sweep file's global
   search_space entry for it applies to no other method). N = `n_particles` = 4, a constant.
 - Cost: N x steps student gradients per batch (4x a PGD-AT step), plus one forward on N*B.
+- Measured (digits, eps 0.1, 8 epochs, 5 particle steps of 0.05, 2 seeds, PGD-10 on 144
+  validation examples): polytope_weight 6 gives 0.90 and 0.90 robust (clean 0.98), TRADES with
+  beta 6 0.88 and 0.90 (clean 0.97): level, within the noise of 144 examples.
 """
 
 from __future__ import annotations
