@@ -65,7 +65,15 @@ def protocol(spec: SweepSpec) -> dict[str, str]:
     strong = f" + {d.strong_augment}" if d.strong_augment != "none" else ""
     out["augmentation"] = crop + flip + strong
     out["student_optim"] = _optim(spec.student.optim, spec.budget.epochs)
-    out["teacher_optim"] = _optim(spec.teacher.optim, spec.teacher.epochs)
+    teachers = spec.all_teachers()
+    if teachers and all(t.source == "checkpoint" for t in teachers):
+        out["teacher_optim"] = "none trained: every teacher is loaded from a checkpoint"
+    elif teachers:
+        out["teacher_optim"] = _optim(spec.teacher.optim, spec.teacher.epochs) + (
+            "; fine-tuned teachers: their own (the plan's teacher lines)"
+            if any(t.source == "finetuned" for t in teachers)
+            else ""
+        )
     rows = spec.train_attack.protocol(spec.grid.train_attack, spec.threat.eps, spec.threat.norm)
     for r in rows:
         params = ", ".join(f"{k} {v:g}" for k, v in r["params"].items())
