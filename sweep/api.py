@@ -47,11 +47,11 @@ def load_run(
     device: str | torch.device = "cpu",
     with_teachers: bool = True,
 ) -> LoadedRun:
-    """A finished student run, ready to evaluate. Teachers come from the cache recorded on the
-    sweep's teacher runs (their `cache_location` tag)."""
+    """A finished student run (a tuned trial, a repeat or a refit), ready to evaluate. Teachers
+    come from the cache recorded on the sweep's teacher runs (their `cache_location` tag)."""
     tracker, run = Tracker.for_run(tracking_uri, run_id)
     tags = run.data.tags
-    if tags.get("kind") != "student":
+    if tags.get("kind") not in ("student", "refit"):
         raise ValueError(f"run {run_id} is a {tags.get('kind', 'non-kdsweep')} run, not a student")
     with tempfile.TemporaryDirectory() as d:
         try:

@@ -30,23 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .store import Store, absolute, is_remote
-
 FORMATS = ("state_dict", "robustbench")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that must not be loaded: wrong bytes, or keys that do not fit."""
-
-
-def read_bytes(uri: str) -> bytes:
-    """The whole file at a local path, file:// or any pyarrow URI (s3://, gs://, ...)."""
-    where = uri if is_remote(uri) else absolute(uri)
-    folder, _, name = where.rstrip("/").rpartition("/")
-    blob = Store(folder or "/").read(name)
-    if blob is None:
-        raise CheckpointError(f"no file at {uri}")
-    return blob
 
 
 def check_sha256(blob: bytes, sha256: str, who: str, uri: str) -> None:
@@ -57,12 +45,6 @@ def check_sha256(blob: bytes, sha256: str, who: str, uri: str) -> None:
             f"teacher {who}: checkpoint {uri} has sha256 {actual}, the sweep file expects "
             f"{sha256.lower()}; refusing to load it (nothing was unpickled)"
         )
-
-
-def verify_file(uri: str, sha256: str, who: str) -> None:
-    """The file exists and has the pinned sha256: checked by `sweep run` before any trial
-    starts (a wrong file is bad input, not a failed trial). Nothing is unpickled."""
-    check_sha256(read_bytes(uri), sha256, who, uri)
 
 
 def verified_state(blob: bytes, sha256: str, who: str, uri: str) -> dict[str, Any]:
@@ -109,11 +91,13 @@ MAPPINGS: dict[str, Callable[[dict[str, Any], nn.Module], dict[str, Any]]] = {
 }
 
 
-def load_checkpoint(model: nn.Module, *, uri: str, sha256: str, fmt: str, who: str) -> None:
-    """Read, verify, map and load (strict: every key of `model` and no other) into `model`."""
+def load_state(model: nn.Module, blob: bytes, *, uri: str, sha256: str, fmt: str, who: str) -> None:
+    """Verify the file's bytes `blob`, map its keys and load them (strict: every key of `model`
+    and no other) into `model`. Reading the bytes is the caller's (teachers.load_checkpoint):
+    this module stays plain PyTorch. `uri` and `who` only name the file and teacher in errors."""
     if fmt not in MAPPINGS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    state = MAPPINGS[fmt](verified_state(read_bytes(uri), sha256, who, uri), model)
+    state = MAPPINGS[fmt](verified_state(blob, sha256, who, uri), model)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -96,7 +96,8 @@ def plan(spec: Any) -> str:
 def checkpoint_problems(spec: Any) -> list[str]:
     """Each teacher checkpoint of the sweep (fine-tune parents included) that is missing or
     does not have its pinned sha256."""
-    from .checkpoint_formats import CheckpointError, verify_file
+    from .checkpoint_formats import CheckpointError
+    from .teachers import verify_checkpoint
 
     problems, seen = [], set()
 
@@ -107,7 +108,7 @@ def checkpoint_problems(spec: Any) -> list[str]:
         if c is not None and c.sha256 not in seen:
             seen.add(c.sha256)
             try:
-                verify_file(c.uri, c.sha256, t.label)
+                verify_checkpoint(c.uri, c.sha256, t.label)
             except (CheckpointError, OSError) as e:
                 problems.append(str(e))
 

@@ -27,17 +27,25 @@ PREFIX = "final"
 
 def best_runs(tracker: Tracker, spec: SweepSpec, top: int) -> dict[str, list[Any]]:
     """Per cell, the finished runs of its `top` best configurations by the sweep's one rule
-    (selection.py), each configuration's tuned trial first, then its seed repeats: the run the
-    report names as a cell's best is the first run of the cell here."""
+    (selection.py): each configuration's refit on train + validation if it has one, then its
+    tuned trial (the run the report names as a cell's best), then its seed repeats."""
     obj = selection.objective(spec)
     by_cell: dict[str, list[Any]] = {}
     for r in tracker.sweep_runs(spec.name, "student", status="FINISHED"):
         by_cell.setdefault(r.data.tags.get("cell", ""), []).append(r)
+    refit_of = {
+        r.data.tags.get("refit_of"): r
+        for r in tracker.sweep_runs(spec.name, "refit", status="FINISHED")
+    }
     out: dict[str, list[Any]] = {}
     for cell in spec.cells():
         candidates = selection.from_runs(by_cell.get(cell.key, []), obj, spec.budget.epochs)
         ranked = selection.rank(candidates, obj)[:top]
-        out[cell.key] = [c.ref for r in ranked for c in r.runs]
+        runs = [c.ref for r in ranked for c in r.runs]
+        # a configuration's refit (spec.refit) goes with it, first: its numbers are the final ones
+        out[cell.key] = [
+            x for run in runs for x in (refit_of.get(run.info.run_id), run) if x is not None
+        ]
     return out
 
 

@@ -27,5 +27,5 @@ def trades_loss(
 ) -> torch.Tensor:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x')), batchmean, with the
     gradient through both p(x) and p(x') as in the authors' code. Shared by the `trades` teacher
-    loss and the `trades` / `cap` student methods."""
+    loss and the `trades` student method."""
     return F.cross_entropy(clean_logits, y) + beta * soft_kl(adv_logits, clean_logits)

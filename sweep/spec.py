@@ -33,6 +33,7 @@ from .teacher_defs import (
     TeacherSetsSpec,
     teacher_set,
 )
+from .training import OptimSpec
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
@@ -74,18 +75,6 @@ class DatasetSpec(StrictModel):
     @classmethod
     def _known(cls, v: str) -> str:
         return _check_names("dataset", DATASETS, [v])[0]
-
-
-class OptimSpec(StrictModel):
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = Field(False, description="plain momentum, as the references train")
-    weight_decay: float = Field(
-        2e-4, ge=0, description="2e-4 as TRADES, ARD, RSLAD and MTARD train on CIFAR-10"
-    )
-    batch_size: int = Field(128, gt=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 class _ArchSpec(StrictModel):

@@ -50,6 +50,7 @@ from .checkpoint_formats import FORMATS
 from .models import MODELS
 from .space import StrictModel
 from .teacher_losses import TEACHER_LOSSES
+from .training import OptimSpec
 
 Scalar = float | int | str | None  # str: a choice parameter (mcmi's centroids)
 # `start:` of an entry. default: the loss's default start (TeacherLoss.default_start: mcmi
@@ -101,8 +102,6 @@ def fmt_value(v: Any) -> str:
 
 def _check_optim(optim: dict[str, Any]) -> None:
     """`finetune.optim` keys and values as `teacher.optim` would take them."""
-    from .spec import OptimSpec  # lazily: spec imports this module
-
     allowed = list(OptimSpec.model_fields)  # the fields of teacher.optim, which it may override
     unknown = sorted(set(optim) - set(allowed))
     if unknown:

@@ -36,14 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint_formats import load_checkpoint
+from .checkpoint_formats import CheckpointError, check_sha256, load_state
 from .cmi import output_metrics
 from .context import SweepContext, augmentation, fast_path, new_model, optim_settings
 from .data import Splits
 from .fast import to_format
 from .measure import test_metrics, val_subset, validation_metrics
 from .spec import SweepSpec
-from .store import Store, locked
+from .store import Store, absolute, is_remote, locked
 from .teacher_defs import TeacherDef
 from .teacher_losses import TEACHER_LOSSES
 from .training import fast_epoch, make_optimization, seed_everything
@@ -331,6 +331,27 @@ def get_teacher(
         identity, model, lambda m: make_teacher(ctx, t, m, data, device), on_ready
     )
     return frozen(model), record
+
+
+def read_checkpoint(uri: str) -> bytes:
+    """The whole file at a local path, file:// or any pyarrow URI (s3://, gs://, ...)."""
+    where = uri if is_remote(uri) else absolute(uri)
+    folder, _, name = where.rstrip("/").rpartition("/")
+    blob = Store(folder or "/").read(name)
+    if blob is None:
+        raise CheckpointError(f"no file at {uri}")
+    return blob
+
+
+def verify_checkpoint(uri: str, sha256: str, who: str) -> None:
+    """The file exists and has the pinned sha256: checked by `sweep run` before any trial
+    starts (a wrong file is bad input, not a failed trial). Nothing is unpickled."""
+    check_sha256(read_checkpoint(uri), sha256, who, uri)
+
+
+def load_checkpoint(model: nn.Module, *, uri: str, sha256: str, fmt: str, who: str) -> None:
+    """Read, verify, map and load a teacher checkpoint into `model` (checkpoint_formats)."""
+    load_state(model, read_checkpoint(uri), uri=uri, sha256=sha256, fmt=fmt, who=who)
 
 
 def frozen(model: nn.Module) -> nn.Module:

@@ -13,15 +13,17 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from .attacks import run_attack
 from .data import Splits, batches
 from .fast import FastPath, to_format, training_forwards
+from .space import StrictModel
 
 StepLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> loss of one batch
 
@@ -34,6 +36,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class OptimSpec(StrictModel):
+    """The optimiser settings of the sweep file (`student.optim`, `teacher.optim`, a fine-tune's
+    `optim`): what `make_optimizer` and `make_schedule` take, here beside them."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = Field(False, description="plain momentum, as the references train")
+    weight_decay: float = Field(
+        2e-4, ge=0, description="2e-4 as TRADES, ARD, RSLAD and MTARD train on CIFAR-10"
+    )
+    batch_size: int = Field(128, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 def make_optimizer(params: Any, optim: dict[str, Any]) -> torch.optim.Optimizer:

@@ -133,3 +133,22 @@ def test_refit_retrains_each_cells_best_on_train_plus_validation(repeated):
         # the same configuration and seed on more data: another student
         assert r.data.metrics["train/loss"] != tuned.data.metrics["train/loss"]
         assert r.info.run_name in out  # a line per refit
+
+
+def test_the_report_shows_each_refit_and_evaluate_tests_it_with_its_configuration(repeated):
+    tmp, _, _, _ = repeated
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rep2")
+    refits = client.search_runs([exp.experiment_id], "tags.kind = 'refit'", max_results=100)
+    _cli(tmp, "report", "rep2")
+    summary = (tmp / "sweeps" / "rep2" / "report" / "summary.md").read_text()
+    section = summary.split("## Refit on train + validation", 1)[1].split("\n## ", 1)[0]
+    for r in refits:
+        line = next(x for x in section.splitlines() if x.startswith(f"| {r.data.tags['cell']} |"))
+        assert f"`{r.info.run_name}`" in line
+        assert f"| {100 * r.data.metrics['test/clean_acc']:.2f} |" in line
+    out = _cli(tmp, "evaluate", "rep2", "--top", "1", "--attacks", "fgsm", "--examples", "50")
+    for r in refits:  # the refit first, then the tuned run and its repeats
+        assert f"{r.data.tags['cell']} {r.info.run_id[:8]}" in out
+        again = client.get_run(r.info.run_id)
+        assert again.data.tags["final_eval"] == "done" and "final/clean_acc" in again.data.metrics

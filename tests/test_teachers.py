@@ -161,7 +161,8 @@ def test_a_checkpoint_teacher_loads_with_its_sha256_and_is_recorded_as_such(tmp_
 
 
 def test_a_checkpoint_with_other_bytes_is_refused_before_anything_is_unpickled(tmp_path):
-    from sweep.checkpoint_formats import CheckpointError, load_checkpoint
+    from sweep.checkpoint_formats import CheckpointError
+    from sweep.teachers import load_checkpoint
 
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
@@ -183,7 +184,8 @@ def test_a_checkpoint_with_other_bytes_is_refused_before_anything_is_unpickled(t
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(tmp_path):
-    from sweep.checkpoint_formats import CheckpointError, load_checkpoint
+    from sweep.checkpoint_formats import CheckpointError
+    from sweep.teachers import load_checkpoint
 
     path = tmp_path / "lin.pt"
     sha = _save(nn.Linear(3, 2).state_dict(), path)
@@ -196,8 +198,9 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(tmp_path):
 
 
 def test_robustbench_wide_resnet_keys_map_onto_ours_with_identity_normalisation(tmp_path):
-    from sweep.checkpoint_formats import load_checkpoint, to_robustbench
+    from sweep.checkpoint_formats import to_robustbench
     from sweep.models import build_model
+    from sweep.teachers import load_checkpoint
 
     torch.manual_seed(0)
     ours = build_model("wrn34_10", in_channels=3, num_classes=10, mean=(0.0,) * 3, std=(1.0,) * 3)

@@ -25,6 +25,7 @@ class SweepData:
     tracker: Tracker
     students: list[Any]
     teachers: list[Any]
+    refits: list[Any] = field(default_factory=list)  # kind refit: bests retrained on train+val
     studies: dict[str, list[optuna.trial.FrozenTrial]] = field(default_factory=dict)
     report_dir: Path | None = None  # where the report goes unless told (layout.py)
 
@@ -43,6 +44,7 @@ def read_sweep(name: str, storage: str | Path) -> SweepData:
         tracker=tracker,
         students=[r for r in runs if r.data.tags.get("kind") == "student"],
         teachers=[r for r in runs if r.data.tags.get("kind") == "teacher"],
+        refits=[r for r in runs if r.data.tags.get("kind") == "refit"],
         studies=cell_trials(spec, opened.layout, create=False),
         report_dir=opened.layout.report,
     )

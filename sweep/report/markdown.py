@@ -76,6 +76,36 @@ def best_section(
     return lines + _md_table(header + ["run"], rows) + [""]
 
 
+def refit_section(
+    spec: SweepSpec, refits: list[Any], best: dict[str, Best], metrics: list[str], notes: Footnotes
+) -> list[str]:
+    """`refit: true`: each cell's best configuration retrained on train + validation (the whole
+    training split, as papers train), one run each: the numbers to print beside a paper's."""
+    if not spec.refit:
+        return []
+    lines = [
+        "## Refit on train + validation",
+        "",
+        "Each cell's best configuration (above) retrained with the same seed on the training and "
+        "validation splits together; test accuracy in % of that one run (`final/` columns from "
+        "`sweep evaluate`, where present).",
+        "",
+    ]
+    by_cell = {r.data.tags.get("cell"): r for r in refits if r.info.status == "FINISHED"}
+    rows = []
+    for cell in spec.cells():
+        r = by_cell.get(cell.key)
+        if r is None:
+            status = "not refit yet" if cell.key in best else "no best configuration"
+            rows.append([cell.key, *_names(notes, cell), status] + ["—"] * len(metrics) + [""])
+            continue
+        m = r.data.metrics
+        shown = [_pct(m[k]) if k in m else "—" for k in metrics]
+        rows.append([cell.key, *_names(notes, cell), "finished"] + shown + [f"`{r.info.run_name}`"])
+    header = ["cell", "teacher", "method", "refit"] + [_short(m) for m in metrics] + ["run"]
+    return lines + _md_table(header, rows) + [""]
+
+
 def comparison_section(
     spec: SweepSpec, best: dict[str, Best], metrics: list[str], names: Footnotes
 ) -> list[str]:
@@ -223,6 +253,7 @@ def summary_markdown(
         "",
         f"- grid: {len(spec.cells())} cells × {spec.budget.trials_per_cell} trials"
         + (f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else "")
+        + (" + a refit of each cell's best on train + validation" if spec.refit else "")
         + ", "
         f"{spec.budget.epochs} epochs; dataset {spec.dataset.name}, student "
         f"{spec.student.arch}, {spec.threat.norm} eps {spec.threat.eps:.4g}",
@@ -234,6 +265,7 @@ def summary_markdown(
     ]
     notes = footnotes(spec, data.teachers)
     lines += best_section(spec, best, metrics, notes)
+    lines += refit_section(spec, data.refits, best, metrics, notes)
     lines += comparison_section(spec, best, metrics, notes)
     lines += teachers_section(spec, data.teachers, notes)
     lines += notes.section()
