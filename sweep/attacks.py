@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -513,6 +514,45 @@ def check_params(name: str, params: Mapping[str, object], *, training: bool = Fa
         problem = param_problem(name, key, value, training=training)
         if problem:
             raise ValueError(f"parameter {key!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class Ball:
+    """What a particle search (CAP's corners, AT-AKA's SVGD) takes from the cell's training
+    attack (a `training.TrainAttack`): the eps-ball and its norm, the number of steps and the
+    step size (PGD's training rule, eps / 4, when unset)."""
+
+    eps: float
+    norm: str
+    steps: int
+    step_size: float
+
+    @classmethod
+    def of(cls, attack: Any, method: str) -> Ball:
+        if not all(hasattr(attack, a) for a in ("eps", "norm", "steps", "step_size")):
+            raise TypeError(
+                f"{method} runs its own particle search and needs the cell's training attack "
+                f"(a training.TrainAttack with eps, norm, steps, step_size), got {attack!r}"
+            )
+        if attack.norm not in _PROJECT:
+            raise ValueError(f"{method}: norm {attack.norm!r}; allowed: {', '.join(_PROJECT)}")
+        step = attack.step_size
+        if step is None:  # as `TrainAttackSpec.resolve` would: the PGD training rule
+            step = ATTACKS.get("pgd").train_step(attack.eps, attack.steps)
+        return cls(float(attack.eps), attack.norm, int(attack.steps), float(step))
+
+    def starts(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """[n, *x.shape]: n points uniform in the ball around each example, in [0, 1]."""
+        reps = x.detach().unsqueeze(0).expand(n, *x.shape).reshape(n * len(x), *x.shape[1:])
+        return uniform_in_ball(reps, self.eps, self.norm).reshape(n, *x.shape)
+
+    def step(self, p: torch.Tensor, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """One projected ascent step of every particle p[n] (around x) along `direction`:
+        sign for L-inf, L2-normalised per particle for L2."""
+        flat = p.flatten(0, 1)
+        d = ascent_direction(direction.flatten(0, 1), self.norm)
+        centre = x.unsqueeze(0).expand_as(p).flatten(0, 1)
+        return _PROJECT[self.norm](flat + self.step_size * d, centre, self.eps).reshape_as(p)
 
 
 def run_attack(

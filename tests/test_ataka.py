@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import LinearLogits, py_kl, py_softmax
 
+from sweep.attacks import Ball
 from sweep.methods.ataka import (
     ATAKA,
     amalgamate,
@@ -20,7 +21,6 @@ from sweep.methods.ataka import (
     svgd_direction,
     svgd_particles,
 )
-from sweep.methods.cap import Ball
 from sweep.models import build_model
 from sweep.training import TrainAttack
 

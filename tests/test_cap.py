@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from conftest import LinearLogits, py_softmax
 
+from sweep.attacks import Ball
 from sweep.methods.cap import (
     CAP,
-    Ball,
     cap_loss,
     corner_particles,
     output_directions,

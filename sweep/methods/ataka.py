@@ -58,12 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import ce_objective, eval_mode, input_grad
+from ..attacks import Ball, ce_objective, eval_mode, input_grad
 from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam
 from .base import METHODS, Method
-from .cap import Ball
 
 
 def amalgamate(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,55 +41,16 @@ OUR RECONSTRUCTION (not a verified reproduction), per example x with label y:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import ascent_direction, eval_mode, input_grad, project, project_l2, uniform_in_ball
+from ..attacks import Ball, eval_mode, input_grad
 from ..fidelity import Fidelity
 from ..space import LogFloatParam
 from .base import METHODS, Method
-
-PROJECT = {"linf": project, "l2": project_l2}
-
-
-@dataclass(frozen=True)
-class Ball:
-    """What a particle search takes from the cell's training attack (a `training.TrainAttack`):
-    the eps-ball and its norm, the number of steps and the step size (eps / 4 when unset)."""
-
-    eps: float
-    norm: str
-    steps: int
-    step_size: float
-
-    @classmethod
-    def of(cls, attack: Any, method: str) -> Ball:
-        if not all(hasattr(attack, a) for a in ("eps", "norm", "steps", "step_size")):
-            raise TypeError(
-                f"{method} runs its own particle search and needs the cell's training attack "
-                f"(a training.TrainAttack with eps, norm, steps, step_size), got {attack!r}"
-            )
-        if attack.norm not in PROJECT:
-            raise ValueError(f"{method}: norm {attack.norm!r}; allowed: {', '.join(PROJECT)}")
-        step = attack.step_size if attack.step_size is not None else attack.eps / 4
-        return cls(float(attack.eps), attack.norm, int(attack.steps), float(step))
-
-    def starts(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """[n, *x.shape]: n points uniform in the ball around each example, in [0, 1]."""
-        reps = x.detach().unsqueeze(0).expand(n, *x.shape).reshape(n * len(x), *x.shape[1:])
-        return uniform_in_ball(reps, self.eps, self.norm).reshape(n, *x.shape)
-
-    def step(self, p: torch.Tensor, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-        """One projected ascent step of every particle p[n] (around x) along `direction`:
-        sign for L-inf, L2-normalised per particle for L2."""
-        flat = p.flatten(0, 1)
-        d = ascent_direction(direction.flatten(0, 1), self.norm)
-        centre = x.unsqueeze(0).expand_as(p).flatten(0, 1)
-        return PROJECT[self.norm](flat + self.step_size * d, centre, self.eps).reshape_as(p)
 
 
 def output_directions(n: int, batch: int, classes: int, like: torch.Tensor) -> torch.Tensor:
