@@ -194,6 +194,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attack_listing(a: Any) -> dict[str, Any]:
+    """A training attack: its training protocol (the sweep file's `train_attack.<name>` changes
+    it), its evaluation step when the file sets none, and its own parameters."""
+
+    def rule(steps: int | None, step: Any) -> str | None:
+        if step is None:
+            return None
+        return (f"{steps} x " if steps else "1 x ") + step.describe()
+
+    return {
+        "summary": a.summary,
+        "iterative": a.iterative,
+        "norms": list(a.norms),
+        "training": rule(a.train_steps, a.train_step),
+        "evaluation_step": a.eval_step.describe() if a.eval_step else None,
+        "params": {
+            k: {
+                "default": p.default,
+                "low": p.low,
+                "high": p.high,
+                "doc": p.doc,
+                "training": p.training,
+            }
+            for k, p in a.params.items()
+        },
+    }
+
+
 def registry_listing() -> dict[str, Any]:
     from .attacks import ATTACKS
     from .data import DATASETS
@@ -214,10 +242,7 @@ def registry_listing() -> dict[str, Any]:
         "models": MODELS.names(),
         "teacher_losses": {n: t.describe() for n, t in TEACHER_LOSSES.items()},
         "methods": {n: m.describe() for n, m in METHODS.items()},
-        "attacks": {
-            n: {"summary": a.summary, "iterative": a.iterative, "norms": list(a.norms)}
-            for n, a in ATTACKS.items()
-        },
+        "attacks": {n: _attack_listing(a) for n, a in ATTACKS.items()},
         # evaluation.attacks only (never a train_attack nor the per-epoch val_attack)
         "evaluation_attacks": {
             n: {
@@ -269,6 +294,16 @@ def cmd_list(args: argparse.Namespace) -> int:
                     print(f"  {'':<16} {pname:<22} {rng!s:<14} {shown}")
             if "fidelity" in info:
                 _print_fidelity(info["fidelity"])
+            if kind == "attacks" and info["training"]:
+                print(
+                    f"  {'':<16} training: {info['training']}; evaluation step: "
+                    f"{info['evaluation_step']}"
+                )
+                for pname, p in info["params"].items():
+                    where = "" if p["training"] else " (evaluation objective only)"
+                    print(
+                        f"  {'':<16} {pname + '=' + fmt_value(p['default']):<22} {p['doc']}{where}"
+                    )
             if kind == "evaluation_attacks":
                 for oname, o in info["options"].items():
                     default = fmt_value(o["default"]) if o["default"] is not None else "null"

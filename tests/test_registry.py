@@ -96,3 +96,25 @@ def test_sweep_list_shows_the_evaluation_attacks_with_their_options(tmp_path):
     section = r.stdout.split("evaluation_attacks:")[1]
     assert "autoattack" in section and "version=standard" in section
     assert "autoattack_apgd" in section and "version: apgd" in section
+
+
+def test_sweep_list_shows_paper_settings_fidelity_and_training_protocols(tmp_path):
+    from sweep.methods import METHODS
+    from sweep.teacher_losses import TEACHER_LOSSES
+
+    listing = json.loads(sweep_cli(tmp_path, "list", "--json").stdout)
+    for name, info in listing["methods"].items():
+        cls = METHODS.get(name)
+        assert info["paper_default"] == {k: v for k, v in cls.paper_default.items()}
+        assert info["fidelity"]["checked"] == cls.fidelity.checked
+        assert info["fidelity"]["departures"] == list(cls.fidelity.departures)
+    for name, info in listing["teacher_losses"].items():
+        assert info["fidelity"]["checked"] == TEACHER_LOSSES.get(name).fidelity.checked
+    assert listing["attacks"]["pgd"]["training"] == "10 x eps/4"
+    assert listing["attacks"]["fgsm_rs"]["training"] == "1 x 1.25*eps"
+    assert listing["attacks"]["pgd"]["evaluation_step"] == "2.5*eps/steps"
+    assert listing["attacks"]["mifgsm"]["params"]["decay"]["default"] == 1.0
+    text = sweep_cli(tmp_path, "list").stdout
+    ard = text.split("\n  ard ", 1)[1].split("\n  ataka ", 1)[0]
+    assert "paper 30" in ard and "fidelity: authors-code" in ard and "departs:" in ard
+    assert "training: 10 x eps/4; evaluation step: 2.5*eps/steps" in text
