@@ -228,3 +228,36 @@ def test_a_trial_asha_stopped_reports_its_last_epoch_and_does_not_train_on(tmp_p
     assert again[0]["val/clean_acc"] == state["metrics"]["val/clean_acc"]
     (run,) = runs_of(ctx)
     assert _steps(ctx, run.info.run_id) == [1]
+
+
+def test_a_methods_own_trainable_parts_are_optimised_checkpointed_and_restored(tmp_path):
+    """GACD owns projection heads and a negative memory (Method.build -> trainable): the trial
+    trains them with the student, saves them in its checkpoint, and a resumed trial continues
+    from them: stopped after epoch 1 and resumed, it ends where an uninterrupted trial ends."""
+    grid = {"teacher_loss": ["ce"], "method": ["gacd"], "train_attack": ["pgd"]}
+    config = trial_config("ce.gacd.pgd", hp={"tau": 0.1, "distill_weight": 1.0})
+
+    def final_state(ctx, stop_first: bool):
+        states = []
+
+        def report(metrics, state):  # state_dict tensors are the live ones: copy them
+            states.append({k: v.clone() for k, v in state["method_parts"].items()})
+            if stop_first and len(states) == 1:
+                raise _Stop
+
+        if stop_first:
+            with pytest.raises(_Stop):
+                run_trial(ctx, config, report)
+        run_trial(ctx, config, report)
+        return states
+
+    whole = final_state(make_context(tmp_path / "a", grid=grid, search_space={}), False)
+    cut = final_state(make_context(tmp_path / "b", grid=grid, search_space={}), True)
+    first, last = whole[0], whole[-1]
+    heads = [k for k in first if k.startswith("embed")]
+    assert heads and any(not torch.equal(first[k], last[k]) for k in heads)  # trained
+    assert any("memory" in k or "bank" in k for k in first)  # the memory is checkpointed too
+    resumed = cut[-1]
+    assert resumed.keys() == last.keys()
+    for k in last:
+        assert torch.allclose(resumed[k].float(), last[k].float(), atol=1e-5), k
