@@ -463,8 +463,26 @@ class SweepSpec(StrictModel):
     def cells(self) -> list[Cell]:
         """Every combination of the grid, minus meaningless ones (see Cell) and minus cells
         that are another cell of the grid under a second name (`same_cells`)."""
+        return [c for c in self._combinations() if self._canonical(c) == c]
+
+    def same_cells(self) -> list[tuple[Cell, Cell]]:
+        """(dropped, kept) pairs: cells of the grid that compute exactly what another cell of
+        the grid computes, so a grid holding both would run the cell twice and get identical
+        numbers in every metric; it runs once, as the kept one. Two cases:
+        - `ce` with a training attack is `pgd_at` with that attack (the same loss, CE(S(x'), y),
+          and the same inner maximisation): kept as pgd_at;
+        - two training attacks of the grid that resolve to the same attack with the same
+          settings (`cw_inf` trains on the method's own objective, so with PGD's steps it *is*
+          `pgd`): kept under the first one's name."""
+        out = []
+        for c in self._combinations():
+            kept = self._canonical(c)
+            if kept != c:
+                out.append((c, kept))
+        return out
+
+    def _combinations(self) -> list[Cell]:
         out: dict[str, Cell] = {}
-        dropped = {c.key for c, _ in self.same_cells()}
         for method in self.grid.method:
             info = METHODS.get(method)
             for attack in self.grid.train_attack:
@@ -473,20 +491,29 @@ class SweepSpec(StrictModel):
                 losses = list(self.teacher_variants()) if info.teacher_set != "none" else ["none"]
                 for loss in losses:
                     cell = Cell(loss, method, attack)
-                    if cell.key not in dropped:
-                        out.setdefault(cell.key, cell)
+                    out.setdefault(cell.key, cell)
         return list(out.values())
 
-    def same_cells(self) -> list[tuple[Cell, Cell]]:
-        """(dropped, kept) pairs: cells of the grid that compute exactly what another cell of
-        the grid computes. `ce` with a training attack is `pgd_at` with that attack (the same
-        loss, CE(S(x'), y), and the same inner maximisation); a grid holding both would run the
-        cell twice and get identical numbers in every metric, so it runs once, as pgd_at."""
-        out = []
-        if "ce" in self.grid.method and "pgd_at" in self.grid.method:
-            for attack in self.grid.train_attack:
-                if attack != "none":
-                    out.append((Cell("none", "ce", attack), Cell("none", "pgd_at", attack)))
+    def _canonical(self, cell: Cell) -> Cell:
+        """The cell of the grid that computes what `cell` computes (itself if none other)."""
+        attack = self._attack_aliases().get(cell.train_attack, cell.train_attack)
+        method = cell.method
+        if method == "ce" and attack != "none" and "pgd_at" in self.grid.method:
+            method = "pgd_at"
+        return Cell(cell.teacher_loss, method, attack)
+
+    def _attack_aliases(self) -> dict[str, str]:
+        """Grid attacks that run exactly as an earlier grid attack: the same function with the
+        same resolved settings (eps, steps, step size, norm, params)."""
+        seen: dict[tuple, str] = {}
+        out: dict[str, str] = {}
+        for name in self.grid.train_attack:
+            a = self.train_attack.resolve(name, self.threat.eps, self.threat.norm)
+            key = (ATTACKS.get(name).fn, a.eps, a.steps, a.step_size, a.norm, a.params)
+            if key in seen:
+                out[name] = seen[key]
+            else:
+                seen[key] = name
         return out
 
     def cell_space(self, method: str) -> dict[str, Any]:

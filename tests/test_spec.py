@@ -399,3 +399,16 @@ def test_optimiser_defaults_are_the_literatures():
     from sweep.spec import OptimSpec
 
     assert OptimSpec().weight_decay == 2e-4 and OptimSpec().momentum == 0.9
+
+
+def test_a_training_attack_that_resolves_to_another_of_the_grid_runs_once(tmp_path):
+    """cw_inf as a *training* attack climbs the method's objective, so with PGD's steps and step
+    it is pgd: its cells are run once, under pgd; given its own steps it is a cell of its own."""
+    from conftest import tiny_spec_dict
+
+    grid = {"teacher_loss": ["ce"], "method": ["kd"], "train_attack": ["pgd", "cw_inf"]}
+    same = parse_spec(tiny_spec_dict(tmp_path, grid=grid, train_attack={}))
+    assert [c.key for c in same.cells()] == ["ce.kd.pgd"]
+    assert [(d.key, k.key) for d, k in same.same_cells()] == [("ce.kd.cw_inf", "ce.kd.pgd")]
+    own = parse_spec(tiny_spec_dict(tmp_path, grid=grid, train_attack={"cw_inf": {"steps": 20}}))
+    assert [c.key for c in own.cells()] == ["ce.kd.pgd", "ce.kd.cw_inf"] and not own.same_cells()
