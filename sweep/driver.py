@@ -602,7 +602,17 @@ def _fit(ctx: SweepContext, tuner: tune.Tuner, embedded: bool, console: SweepCon
         return False
     failed = sum(r.error is not None for r in results)
     failed += _finalize_early_stopped(ctx, results, embedded)
-    failed += _refit_best(ctx, embedded)
+    try:
+        failed += _refit_best(ctx, embedded)
+    except KeyboardInterrupt:  # Ctrl-C while refitting: the refits continue on resume
+        killed = tracker.close_running(spec.name, "KILLED", "sweep interrupted")
+        tracker.finish(ctx.parent_run_id, "KILLED")
+        print(
+            f"sweep {spec.name} interrupted while refitting; {len(killed)} runs marked KILLED "
+            f"until resumed\nresume with: sweep resume {spec.name} --storage {ctx.layout.root}",
+            flush=True,
+        )
+        return False
     tracker.set_tags(ctx.parent_run_id, {"trials": str(len(results)), "failed": str(failed)})
     tracker.finish(ctx.parent_run_id)
     print(

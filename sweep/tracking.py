@@ -159,9 +159,13 @@ class Tracker:
         return status
 
     def close_running(self, sweep: str, status: str, reason: str) -> list[str]:
-        """Set every still-RUNNING student run of `sweep` to `status` (KILLED when the sweep
+        """Set every still-RUNNING student or refit run of `sweep` to `status` (KILLED when the sweep
         was interrupted, so the UI does not show runs as live that nothing is running)."""
-        runs = self.sweep_runs(sweep, "student", status="RUNNING")
+        runs = [
+            r
+            for kind in ("student", "refit")
+            for r in self.sweep_runs(sweep, kind, status="RUNNING")
+        ]
         for r in runs:
             self.set_tags(r.info.run_id, {"stopped_because": reason})
             self.finish(r.info.run_id, status)

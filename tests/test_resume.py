@@ -181,6 +181,57 @@ def test_sigkill_of_the_driver_then_resume_finishes_every_trial_exactly_once(tmp
 # SIGINT (Ctrl-C) then resume: tests/test_storage_s3.py, on a bucket (one sweep fewer here)
 
 
+def test_sigkill_while_refitting_then_resume_finishes_the_refit_in_the_same_run(tmp_path):
+    """`refit: true`: the driver is killed while a cell's best is being retrained on train +
+    validation; resume leaves the tuning alone and continues the refit from its checkpoint, in
+    its own run: one refit run, FINISHED, no epoch logged twice."""
+    name = "refitkill"
+    spec = _spec(
+        tmp_path,
+        name,
+        grid={"teacher_loss": ["ce"], "method": ["kd"], "train_attack": ["pgd"]},
+        budget={"trials_per_cell": 1, "epochs": EPOCHS, "grace_period": EPOCHS},
+        refit=True,
+    )
+    books = Books(tmp_path, name)
+    refit_state = books.dir / "trials" / "ce.kd.pgd" / "0" / "refit" / "state.pt"
+
+    def refit_mid_way() -> bool:
+        try:
+            return 0 < torch.load(refit_state, weights_only=True)["epoch"] < EPOCHS
+        except Exception:  # not there yet, or being replaced right now
+            return False
+
+    log = tmp_path / "run.log"
+    proc = start_sweep_cli(tmp_path, "run", str(spec), log=log)
+    try:
+        wait_until("a refit mid-way", refit_mid_way, proc, log)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        stop_group(proc)
+    tuned = books.runs("FINISHED")
+    assert len(tuned) == 1  # tuning had ended
+
+    log2 = tmp_path / "resume.log"
+    resumed = start_sweep_cli(
+        tmp_path, "resume", name, "--storage", str(tmp_path / "sweeps"), log=log2
+    )
+    try:
+        assert resumed.wait(timeout=600) == 0, log2.read_text()[-5000:]
+    finally:
+        stop_group(resumed)
+    out2 = log2.read_text()
+    assert "continuing from epoch" in out2
+    tracker = books.tracker()
+    refits = tracker.sweep_runs(name, "refit")
+    assert len(refits) == 1 and refits[0].info.status == "FINISHED"
+    assert refits[0].data.tags["refit_of"] == tuned[0].info.run_id
+    steps = [m.step for m in tracker.client.get_metric_history(refits[0].info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, EPOCHS + 1))
+    assert [r.info.end_time for r in books.runs()] == [tuned[0].info.end_time]  # not retrained
+
+
 def _trial_pid(books: Books) -> tuple[str, int] | None:
     """A RUNNING trial with a checkpoint mid-way, and the pid of the worker running it."""
     for key in books.in_progress():
