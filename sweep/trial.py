@@ -32,7 +32,6 @@ from .context import (
 from .data import Splits
 from .evaluate import sanity_warnings
 from .fast import maybe_compile
-from .fidelity import UNDECLARED
 from .measure import test_metrics, validation_metrics
 from .methods import METHODS
 from .protocol import protocol
@@ -92,7 +91,7 @@ def fidelity_tags(spec: SweepSpec, config: TrialConfig) -> dict[str, str]:
     teacher = spec.teacher_variants().get(config.teacher_loss)
     if teacher is not None:
         loss = TEACHER_LOSSES.get(teacher.loss)
-        tags["teacher_fidelity"] = getattr(loss, "fidelity", UNDECLARED).tag()
+        tags["teacher_fidelity"] = loss.fidelity.tag()
     paper, _ = spec.paper_start(config.method)
     if paper:
         same = all(config.hp.get(k) == v for k, v in paper.items())

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fidelity import UNDECLARED, Fidelity
+from ..fidelity import Fidelity
 from ..methods import METHODS
 from ..spec import SweepSpec
 from ..teacher_losses import TEACHER_LOSSES
@@ -23,12 +23,11 @@ NO_TEACHER = "none"  # the teacher_loss of a teacher-free cell (spec.Cell)
 
 
 def method_fidelity(name: str) -> Fidelity:
-    return getattr(METHODS.get(name), "fidelity", UNDECLARED)
+    return METHODS.get(name).fidelity  # UNDECLARED unless the method declares one
 
 
 def loss_fidelity(name: str) -> Fidelity:
-    # read with a default: a loss that has not declared one yet is shown as undeclared
-    return getattr(TEACHER_LOSSES.get(name), "fidelity", UNDECLARED)
+    return TEACHER_LOSSES.get(name).fidelity
 
 
 def not_the_papers(f: Fidelity) -> bool:
