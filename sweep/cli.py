@@ -60,7 +60,7 @@ def plan(spec: Any) -> str:
             params = ", ".join(f"{k}={fmt_value(v)}" for k, v in t.params) or "-"
             how = {
                 "trained": f"{t.epochs} epochs",
-                "finetuned": f"fine-tunes {t.init.label} {t.epochs} epochs" if t.init else "",
+                "finetuned": f"fine-tunes {t.init.label} for {t.epochs} epochs" if t.init else "",
                 "checkpoint": f"loaded from {t.checkpoint.uri} ({t.checkpoint.format})"
                 if t.checkpoint
                 else "",

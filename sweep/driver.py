@@ -362,7 +362,6 @@ def _refit_best(ctx: SweepContext, embedded: bool) -> int:
         f"refitting the best configuration of {len(todo)} cells on train + validation ...",
         flush=True,
     )
-    metric = f"test/robust_acc/{spec.evaluation.attacks[0].key}" if spec.evaluation.attacks else ""
 
     def refit(config: TrialConfig) -> str | None:
         try:
@@ -371,10 +370,8 @@ def _refit_best(ctx: SweepContext, embedded: bool) -> int:
             return f"{config.label}: refit failed: {type(e).__name__}: {e}"
         run_id = ctx.checkpoints().run_id(config.key)
         got = ctx.tracker().metrics(run_id) if run_id else {}
-        shown = ", ".join(
-            f"{k.removeprefix('test/')}={got[k]:.4f}"
-            for k in ("test/clean_acc", metric)
-            if k in got
+        shown = ", ".join(  # clean, then each attack of the test suite
+            f"{k.removeprefix('test/')}={v:.4f}" for k, v in sorted(got.items()) if k[:5] == "test/"
         )
         print(f"refit {config.label}: {shown}", flush=True)
         return None

@@ -63,8 +63,9 @@ def _sha256(blob: bytes) -> str:
 @dataclass
 class TeacherRecord:
     """What the cache knows about one teacher, and what happened when it was asked for:
-    `event` is "trained" (no copy existed), "cached" (a valid copy was loaded) or "retrained"
-    (a copy existed but was unusable; `problem` says why)."""
+    `event` is "trained" (no copy existed; "loaded" for a teacher made from a checkpoint
+    file), "cached" (a valid copy was loaded from the cache) or "retrained" (a copy existed but
+    was unusable; `problem` says why)."""
 
     hash: str
     identity: dict[str, Any]
@@ -152,16 +153,18 @@ class TeacherCache:
         model: nn.Module,
         train: Callable[[nn.Module], dict[str, float]],
         on_ready: Callable[[TeacherRecord], None] | None = None,
+        made: str = "trained",
     ) -> TeacherRecord:
         """Load the teacher into `model`, training it first if no valid copy exists.
 
         `on_ready(record)` runs while the lock is held, so per-sweep bookkeeping (one MLflow
-        run per teacher) is race-free too."""
+        run per teacher) is race-free too. `made`: the event's name when `train` makes it
+        ("loaded" when it reads a checkpoint file)."""
         h = teacher_hash(identity)
         with locked(self.store.lock_path(f"{h}.lock")):
             record, problem = self._load(h, model)
             if record is None:
-                event = "retrained" if problem else "trained"
+                event = "retrained" if problem else made
                 if problem:
                     msg = f"cached teacher {h} is unusable ({problem}); retraining it"
                     log.warning(msg)
@@ -328,7 +331,11 @@ def get_teacher(
         tracker.set_tags(run_id, origin)
 
     record = TeacherCache(ctx.layout.teachers).get_or_train(
-        identity, model, lambda m: make_teacher(ctx, t, m, data, device), on_ready
+        identity,
+        model,
+        lambda m: make_teacher(ctx, t, m, data, device),
+        on_ready,
+        made="loaded" if t.source == "checkpoint" else "trained",
     )
     return frozen(model), record
 

@@ -69,7 +69,8 @@ def test_a_sweep_with_a_loaded_and_a_fine_tuned_teacher_records_where_each_came_
     # the fine-tune's parent was made for it, once, with a run of its own
     assert set(teachers) == {"users", "mse_ft", "ce"}
     users, ft, ce = teachers["users"].data, teachers["mse_ft"].data, teachers["ce"].data
-    assert users.tags["source"] == "checkpoint"
+    assert users.tags["source"] == "checkpoint" and users.tags["cache_event"] == "loaded"
+    assert ft.tags["cache_event"] == "trained"
     assert users.tags["checkpoint_sha256"] == sha and users.tags["checkpoint_uri"] == uri
     assert users.tags["checkpoint_format"] == "state_dict"
     assert "val/clean_acc" in users.metrics  # measured like any teacher

@@ -144,7 +144,7 @@ def test_a_checkpoint_teacher_loads_with_its_sha256_and_is_recorded_as_such(tmp_
     model, rec = get_teacher(ctx, t, data, cpu)
     for a, b in zip(model.state_dict().values(), mine.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert rec.event == "trained" and "val/clean_acc" in rec.metrics  # measured and cached
+    assert rec.event == "loaded" and "val/clean_acc" in rec.metrics  # measured and cached
     (run,) = runs_of(ctx, "teacher")
     tags, params = run.data.tags, run.data.params
     assert tags["source"] == params["source"] == "checkpoint"
