@@ -97,23 +97,19 @@ def checkpoint_problems(spec: Any) -> list[str]:
     """Each teacher checkpoint of the sweep (fine-tune parents included) that is missing or
     does not have its pinned sha256."""
     from .checkpoint_formats import CheckpointError
+    from .teacher_defs import teacher_generations
     from .teachers import verify_checkpoint
 
-    problems, seen = [], set()
-
-    def walk(t: Any) -> None:
-        if t.init is not None:
-            walk(t.init)
-        c = t.checkpoint
-        if c is not None and c.sha256 not in seen:
-            seen.add(c.sha256)
+    problems = []
+    for generation in teacher_generations(spec.all_teachers()):  # each teacher once
+        for t in generation:
+            c = t.checkpoint
+            if c is None:
+                continue
             try:
                 verify_checkpoint(c.uri, c.sha256, t.label)
             except (CheckpointError, OSError) as e:
                 problems.append(str(e))
-
-    for t in spec.all_teachers():
-        walk(t)
     return problems
 
 

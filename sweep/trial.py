@@ -12,6 +12,7 @@ import random
 import socket
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from .teachers import get_teachers
 from .tracking import Tracker
 from .training import Diverged, make_optimization, seed_everything, student_epoch
 
+BUILD_SAMPLE = 64  # examples a method's build() sees
 Report = Callable[[dict[str, float], dict[str, Any]], None]  # (metrics, checkpoint state)
 
 
@@ -184,11 +186,6 @@ def _student_run(
     return run_id
 
 
-def optim_batch(spec: SweepSpec) -> int:
-    """Size of the sample batch a method's build() reads feature sizes off."""
-    return min(spec.student.optim.batch_size, 64)
-
-
 def method_parts(method: Any) -> nn.Module | None:
     """The method's trainable parts, in train mode (None for most methods)."""
     parts = getattr(method, "trainable", None)
@@ -198,9 +195,8 @@ def method_parts(method: Any) -> nn.Module | None:
 
 
 def tuned_run_id(ctx: SweepContext, config: TrialConfig) -> str | None:
-    """The MLflow run of the tuned trial a refit retrains (its configuration's seed-0 run)."""
-    tuned = TrialConfig.from_dict({**config.to_dict(), "refit": False, "repeat": 0})
-    return ctx.checkpoints().run_id(tuned.key)
+    """The MLflow run of the tuned trial a refit retrains (its configuration's repeat-0 run)."""
+    return ctx.checkpoints().run_id(replace(config, refit=False, repeat=0).key)
 
 
 class TrialFailed(RuntimeError):
@@ -249,7 +245,8 @@ def run_trial(
 
     fast = fast_path(spec, device)
     student = new_model(spec.student.arch, data, device, fast)
-    method.build(student, teachers, data.x_train[: optim_batch(spec)], len(data.x_train))
+    # a sample batch to read feature sizes off (Method.build)
+    method.build(student, teachers, data.x_train[:BUILD_SAMPLE], len(data.x_train))
     parts = method_parts(method)
     optim = optim_settings(spec.student.optim, config.hp)
     # the method's own trainable parts (GACD's heads) are optimised with the student, same settings
