@@ -463,20 +463,27 @@ class SweepSpec(StrictModel):
     def cells(self) -> list[Cell]:
         """Every combination of the grid, minus meaningless ones (see Cell) and minus cells
         that are another cell of the grid under a second name (`same_cells`)."""
-        return [c for c in self._combinations() if self._canonical(c) == c]
+        dropped = {d.key for d, _ in self.same_cells()}
+        return [c for c in self._combinations() if c.key not in dropped]
 
     def same_cells(self) -> list[tuple[Cell, Cell]]:
         """(dropped, kept) pairs: cells of the grid that compute exactly what another cell of
         the grid computes, so a grid holding both would run the cell twice and get identical
         numbers in every metric; it runs once, as the kept one. Two cases:
-        - `ce` with a training attack is `pgd_at` with that attack (the same loss, CE(S(x'), y),
-          and the same inner maximisation): kept as pgd_at;
+        - a method that is another method of the grid once it has a training attack
+          (`Method.with_attack_is`: `ce` is `pgd_at`, the same loss CE(S(x'), y) and the same
+          inner maximisation): kept as that method;
         - two training attacks of the grid that resolve to the same attack with the same
           settings (`cw_inf` trains on the method's own objective, so with PGD's steps it *is*
           `pgd`): kept under the first one's name."""
+        aliases = self._attack_aliases()
         out = []
         for c in self._combinations():
-            kept = self._canonical(c)
+            attack = aliases.get(c.train_attack, c.train_attack)
+            method = METHODS.get(c.method).with_attack_is
+            if attack == "none" or method not in self.grid.method:
+                method = c.method
+            kept = Cell(c.teacher_loss, method, attack)
             if kept != c:
                 out.append((c, kept))
         return out
@@ -493,14 +500,6 @@ class SweepSpec(StrictModel):
                     cell = Cell(loss, method, attack)
                     out.setdefault(cell.key, cell)
         return list(out.values())
-
-    def _canonical(self, cell: Cell) -> Cell:
-        """The cell of the grid that computes what `cell` computes (itself if none other)."""
-        attack = self._attack_aliases().get(cell.train_attack, cell.train_attack)
-        method = cell.method
-        if method == "ce" and attack != "none" and "pgd_at" in self.grid.method:
-            method = "pgd_at"
-        return Cell(cell.teacher_loss, method, attack)
 
     def _attack_aliases(self) -> dict[str, str]:
         """Grid attacks that run exactly as an earlier grid attack: the same function with the

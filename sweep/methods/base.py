@@ -63,6 +63,9 @@ class Method:
     paper_default: ClassVar[dict[str, Any]] = {}
     # How this implementation was checked against its paper (fidelity.py).
     fidelity: ClassVar[Fidelity] = UNDECLARED
+    # The method this one computes exactly once it has a training attack (`ce` is `pgd_at`):
+    # a grid holding both runs such a cell once, as that method (spec.same_cells).
+    with_attack_is: ClassVar[str | None] = None
 
     def __init__(self, hp: dict[str, Any]) -> None:
         missing = [k for k in self.space if k not in hp]

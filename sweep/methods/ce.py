@@ -14,6 +14,7 @@ from .base import METHODS, Method
 class CE(Method):
     summary = "cross-entropy on x' (PGD-AT when train_attack is pgd); no teacher"
     paper_default = {}  # no hyperparameters
+    with_attack_is = "pgd_at"  # the same loss on the same x' (spec.same_cells)
     # a baseline of ours, not a paper's method: `pgd_at` is the one checked against Madry et al.
     fidelity = Fidelity(
         "ours",
