@@ -217,12 +217,19 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
 def split_sizes(info: DatasetInfo, val_fraction: float, test_fraction: float) -> dict[str, int]:
     """Train / validation sizes (and test, where carved) that `load_splits` will make, without
     loading: what `sweep validate` prints as the protocol."""
-    n, out = info.size, {}
+    out = {}
+    n = info.size
     if not info.has_test_split:
-        out["test"] = int(round(test_fraction * n))
+        out["test"] = carved(test_fraction, n)
         n -= out["test"]
-    n_val = int(round(val_fraction * n))
+    n_val = carved(val_fraction, n)
     return {"train": n - n_val, "val": n_val, **out}
+
+
+def carved(fraction: float, n: int) -> int:
+    """How many of n examples a split of `fraction` takes: the one rounding rule of
+    `load_splits` and `split_sizes`."""
+    return int(round(fraction * n))
 
 
 def load_splits(
@@ -243,11 +250,11 @@ def load_splits(
     else:
         x, y = parts
         perm = torch.randperm(len(x), generator=gen)
-        n_test = int(round(test_fraction * len(x)))
+        n_test = carved(test_fraction, len(x))
         x_test, y_test = x[perm[:n_test]], y[perm[:n_test]]
         x, y = x[perm[n_test:]], y[perm[n_test:]]
     perm = torch.randperm(len(x), generator=gen)
-    n_val = int(round(val_fraction * len(x)))
+    n_val = carved(val_fraction, len(x))
     val, train = perm[:n_val], perm[n_val:]
     return Splits(
         info,
