@@ -218,3 +218,16 @@ def py_softmax(row: list[float], temp: float = 1.0) -> list[float]:
 def py_kl(p: list[float], q: list[float]) -> float:
     """KL(p || q) of two probability lists, in plain Python floats (0 * log 0 = 0)."""
     return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps every input it is called on: an attack's target and iterates."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.inner(x)

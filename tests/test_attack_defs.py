@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Recorder
 from pydantic import ValidationError
 from torch import nn
 
@@ -32,17 +33,6 @@ def _batch(n=16):
     g = torch.Generator().manual_seed(1)
     # interior points: no coordinate is clipped to [0, 1] by a step of at most 1.25 * 8/255 + eps
     return 0.2 + 0.6 * torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-class Recorder(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.inner(x)
 
 
 # --- defaults: each attack's own protocol --------------------------------------------------------

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Recorder
 from torch import nn
 
 from sweep.attacks import (
@@ -165,19 +166,6 @@ def _ce_grad(model, x, y):
 
 def _clip_linf(x_adv, x, eps):
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-
-
-class Recorder(nn.Module):
-    """Wraps a model and keeps every input it is called on: the attack's iterates."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.inner(x)
 
 
 @pytest.mark.parametrize("step_size", [None, 0.05])

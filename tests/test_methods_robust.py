@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearLogits, py_kl, py_softmax
+from conftest import LinearLogits, Recorder, py_kl, py_softmax
 from torch import nn
 
 from sweep.attacks import ATTACKS, eval_mode, input_grad, pgd
@@ -177,19 +177,6 @@ def test_trades_inner_target_is_the_student_in_eval_mode():
     torch.manual_seed(7)
     expected = pgd(student, x, objective, eps=EPS, steps=5, start=x + 0.001 * torch.randn_like(x))
     assert torch.equal(got, expected)
-
-
-class Recorder(nn.Module):
-    """Wraps a model and keeps every input it is called on: the target's, then the iterates."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.inner(x)
 
 
 @pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n != "none"])

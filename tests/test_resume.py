@@ -135,6 +135,19 @@ def _check_complete(books: Books, total: int) -> None:
     assert [p.info.status for p in parent] == ["FINISHED"]
 
 
+def _resume(tmp_path: Path, name: str) -> str:
+    """`sweep resume NAME` to its end (exit 0); returns what it printed."""
+    log = tmp_path / "resume.log"
+    resumed = start_sweep_cli(
+        tmp_path, "resume", name, "--storage", str(tmp_path / "sweeps"), log=log
+    )
+    try:
+        assert resumed.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        stop_group(resumed)
+    return log.read_text()
+
+
 def _kill_and_resume(tmp_path: Path, name: str) -> None:
     spec = _spec(tmp_path, name)
     books = Books(tmp_path, name)
@@ -156,15 +169,7 @@ def _kill_and_resume(tmp_path: Path, name: str) -> None:
     assert rc == -signal.SIGKILL, log.read_text()[-3000:]
     assert len(books.runs()) < 4  # it really was stopped before the end
 
-    log2 = tmp_path / "resume.log"
-    resumed = start_sweep_cli(
-        tmp_path, "resume", name, "--storage", str(tmp_path / "sweeps"), log=log2
-    )
-    try:
-        assert resumed.wait(timeout=600) == 0, log2.read_text()[-5000:]
-    finally:
-        stop_group(resumed)
-    out2 = log2.read_text()
+    out2 = _resume(tmp_path, name)
     _check_complete(books, total=4)
     # finished trials were not trained again: their checkpoints untouched, their runs the same
     assert books.state_mtimes(finished) == mtimes
@@ -213,15 +218,7 @@ def test_sigkill_while_refitting_then_resume_finishes_the_refit_in_the_same_run(
     tuned = books.runs("FINISHED")
     assert len(tuned) == 1  # tuning had ended
 
-    log2 = tmp_path / "resume.log"
-    resumed = start_sweep_cli(
-        tmp_path, "resume", name, "--storage", str(tmp_path / "sweeps"), log=log2
-    )
-    try:
-        assert resumed.wait(timeout=600) == 0, log2.read_text()[-5000:]
-    finally:
-        stop_group(resumed)
-    out2 = log2.read_text()
+    out2 = _resume(tmp_path, name)
     assert "continuing from epoch" in out2
     tracker = books.tracker()
     refits = tracker.sweep_runs(name, "refit")
