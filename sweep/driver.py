@@ -20,6 +20,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler
 
 from .checkpoints import FAILED, STOPPED
 from .config import TrialConfig
@@ -425,6 +426,20 @@ def _tuner_parts(spec: SweepSpec, ctx: SweepContext) -> tuple[Any, tune.RunConfi
     return trainable_, run_config
 
 
+def tune_config(spec: SweepSpec, optuna_url: str, num_samples: int) -> tune.TuneConfig:
+    """How Tune runs the sweep's trials: the per-cell search (CellSearcher) and early stopping
+    (CellASHA, or none with `budget.early_stopping: false`). bench/tuning_quality.py runs
+    this same loop with a trainable that evaluates a function instead of training."""
+    scheduler = CellASHA(spec) if spec.budget.early_stopping else FIFOScheduler()
+    return tune.TuneConfig(
+        search_alg=CellSearcher(spec, optuna_url),
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=spec.resources.max_concurrent_trials,
+        reuse_actors=True,
+    )
+
+
 def _snapshot_often() -> None:
     """Tune snapshots the experiment (trial list, searcher, scheduler) every 10 s or more by
     default; a killed driver then forgets the reports since. Trials keep their own checkpoints,
@@ -481,13 +496,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     run_config.callbacks = [Progress(ctx, console)]
     tuner = tune.Tuner(
         trainable_,
-        tune_config=tune.TuneConfig(
-            search_alg=CellSearcher(spec, layout.optuna_url),
-            scheduler=CellASHA(spec),
-            num_samples=total,
-            max_concurrent_trials=spec.resources.max_concurrent_trials,
-            reuse_actors=True,
-        ),
+        tune_config=tune_config(spec, layout.optuna_url, total),
         run_config=run_config,
     )
     return _fit(ctx, tuner, embedded, console)

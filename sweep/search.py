@@ -24,6 +24,7 @@ from ray.tune.search import Searcher
 from . import selection
 from .config import TrialConfig
 from .layout import SweepLayout
+from .samplers import make_sampler, startup
 from .space import (
     CategoricalParam,
     FloatParam,
@@ -35,19 +36,7 @@ from .space import (
 from .spec import Cell, SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def make_sampler(spec: SweepSpec, cell_position: int) -> optuna.samplers.BaseSampler:
-    """The sampler of the cell at `cell_position` in the grid (its seed depends on it)."""
-    seed = spec.seed * 1000 + cell_position
-    kind = spec.optuna.sampler
-    if kind == "auto":
-        kind = "nsga2" if len(spec.objectives) > 1 else "tpe"
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.optuna.n_startup_trials)
+ASHA_SCORE = "asha/score"  # several objectives: the weighted sum CellASHA ranks trials by
 
 
 def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
@@ -62,6 +51,11 @@ def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
     if isinstance(p, CategoricalParam):
         return d.CategoricalDistribution(p.choices)
     raise TypeError(f"not a search-space range: {p!r}")
+
+
+def dists_searched(spec: SweepSpec, cell: Cell) -> bool:
+    """Whether the cell's method has anything to tune."""
+    return any(is_searched(v) for v in spec.cell_space(cell.method).values())
 
 
 class CellSearcher(Searcher):
@@ -109,13 +103,14 @@ class CellSearcher(Searcher):
     def study(self, key: str) -> optuna.Study:
         if key not in self._studies:
             position = [c.key for c in self.cells].index(key)
+            cell = self.cells[position]
             self._studies[key] = optuna.create_study(
                 study_name=self.layout.study_name(key),
                 storage=self.storage,
                 directions=[
                     ("maximize" if o.mode == "max" else "minimize") for o in self.spec.objectives
                 ],
-                sampler=make_sampler(self.spec, position),
+                sampler=make_sampler(self.spec, cell, position),
                 load_if_exists=True,
             )
             self._start_with_paper(self._studies[key], key)
@@ -174,9 +169,45 @@ class CellSearcher(Searcher):
                 self.next_cell = (self.next_cell + i + 1) % n
                 space = self.spec.cell_space(cell.method)
                 dists = {k: distribution(v) for k, v in space.items() if is_searched(v)}
+                self._offer_sibling_best(cell)
                 ot = self.study(cell.key).ask(dists)
                 return self._handout(trial_id, cell, ot.number, ot.params)
         return self._suggest_repeat(trial_id)
+
+    def _offer_sibling_best(self, cell: Cell) -> None:
+        """Warm start (`optuna.warm_start`): once a cell is past its random phase, enqueue the
+        best configuration of a sibling cell (same method and attack, another teacher) that
+        the cell has not run, one at a time and each sibling best once, for at most half of
+        the cell's modelled trials. The enqueued trial records where it came from (user attr
+        `warm_start_from`), which also keeps a resumed sweep from offering it again."""
+        if not self.spec.optuna.warm_start or not dists_searched(self.spec, cell):
+            return
+        budget = self.spec.budget.trials_per_cell
+        first = min(startup(self.spec), budget)
+        if len(self.handed[cell.key]) < first:
+            return
+        study = self.study(cell.key)
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+            return  # an offer still waits to be asked
+        offered = {t.user_attrs.get("warm_start_from") for t in trials} - {None}
+        if len(offered) >= max(1, (budget - first) // 2):
+            return
+        ran = [t.params for t in trials]
+        for sib in self.cells:
+            if sib.key == cell.key or (sib.method, sib.train_attack) != (
+                cell.method,
+                cell.train_attack,
+            ):
+                continue
+            best = self.best_trial(sib.key)
+            if best is None:
+                continue
+            source = f"{sib.key}#{best.number}"
+            if source in offered or best.params in ran:
+                continue
+            study.enqueue_trial(best.params, user_attrs={"warm_start_from": source})
+            return
 
     def _suggest_repeat(self, trial_id: str) -> dict | str | None:
         """Seed repeats of each cell's best configuration, once that cell's tuning has ended
@@ -204,9 +235,9 @@ class CellSearcher(Searcher):
 
     def best_trial(self, key: str) -> optuna.trial.FrozenTrial | None:
         """The cell's best finished trial, by the sweep's one rule (selection.py)."""
-        obj = selection.objective(self.spec)
+        obj = selection.rule(self.spec)
         trials = self.study(key).get_trials(deepcopy=False)
-        best = selection.best(selection.from_optuna(trials, obj), obj)
+        best = selection.best(selection.from_optuna(trials, obj, self.spec.budget.epochs), obj)
         return best.first.ref if best else None
 
     def refit_config(self, cell: Cell) -> TrialConfig | None:
@@ -263,14 +294,23 @@ class CellSearcher(Searcher):
         self.ended[key].add(number)
         study = self.study(key)
         state = optuna.trial.TrialState
+        objectives = self.spec.objectives
         # skip_if_finished: told before the driver died; Optuna keeps its verdict
-        if error or not result:
+        if error or not result or any(o.metric not in result for o in objectives):
             study.tell(number, state=state.FAIL, skip_if_finished=True)
-        elif result.get("epoch", 0) >= self.spec.budget.epochs:
-            values = [float(result[o.metric]) for o in self.spec.objectives]
-            study.tell(number, values, skip_if_finished=True)
-        else:  # stopped early by ASHA
+            return
+        values = [float(result[o.metric]) for o in objectives]
+        epoch = int(result.get("epoch", 0))
+        if epoch < self.spec.budget.epochs and len(objectives) == 1:
+            # stopped early by ASHA: TPE ranks PRUNED trials by their intermediate values
             study.tell(number, state=state.PRUNED, skip_if_finished=True)
+            return
+        # with several objectives Optuna has no intermediate values, and its samplers skip
+        # PRUNED trials: a stopped trial is told its values at the epoch it stopped, marked
+        # so that selection never counts it as a full-budget trial
+        if not self._finished(key, number):
+            self.storage.set_trial_user_attr(self._storage_id(key, number), "epochs_trained", epoch)
+        study.tell(number, values, skip_if_finished=True)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -289,10 +329,16 @@ class CellASHA(FIFOScheduler):
     def __init__(self, spec: SweepSpec) -> None:
         super().__init__()
         b, o = spec.budget, spec.objectives[0]
+        # several objectives: ASHA ranks by the declared weighted sum (spec: required then)
+        self._weights: dict[str, float] | None = None
+        if len(spec.objectives) > 1:
+            mode = {x.metric: x.mode for x in spec.objectives}
+            w = b.asha_weights or {}
+            self._weights = {m: (v if mode[m] == "max" else -v) for m, v in w.items()}
         self._kw = dict(
             time_attr="epoch",  # not Tune's iteration count, which restarts on restore
-            metric=o.metric,
-            mode=o.mode,
+            metric=ASHA_SCORE if self._weights is not None else o.metric,
+            mode="max" if self._weights is not None else o.mode,
             max_t=b.epochs,
             grace_period=b.grace_period,
             reduction_factor=b.reduction_factor,
@@ -302,6 +348,13 @@ class CellASHA(FIFOScheduler):
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True
+
+    def scored(self, result: dict) -> dict:
+        """The result with the score ASHA ranks by when there are several objectives."""
+        w = self.__dict__.get("_weights")
+        if not w or not all(m in result for m in w):
+            return result
+        return {**result, ASHA_SCORE: sum(v * float(result[m]) for m, v in w.items())}
 
     def _asha(self, trial: Any) -> tuple[AsyncHyperBandScheduler, set[str]] | None:
         """The trial's cell's ASHA and the trials it knows; None for a seed repeat."""
@@ -320,11 +373,12 @@ class CellASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if found := self._asha(trial):
-            return found[0].on_trial_result(tune_controller, trial, result)
+            return found[0].on_trial_result(tune_controller, trial, self.scored(result))
         return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         if found := self._asha(trial):
+            result = self.scored(result)
             found[0].on_trial_complete(tune_controller, trial, result)
             if {"epoch", self._kw["metric"]} <= set(result):  # as ASHA forgets the trial
                 found[1].discard(trial.trial_id)

@@ -38,6 +38,8 @@ from .training import OptimSpec
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
 TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
+# What `optuna.sampler: auto` is (samplers.py makes it; bench/tuning_quality.py measured it).
+AUTO_SAMPLER = "tpe"
 # Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
 TUNABLE_METRICS = {
     "val/clean_acc": "max",
@@ -222,8 +224,16 @@ class Objective(StrictModel):
 class BudgetSpec(StrictModel):
     trials_per_cell: int = Field(8, gt=0)
     epochs: int = Field(10, gt=0)
+    early_stopping: bool = Field(
+        True, description="ASHA inside each cell; false = every trial trains every epoch"
+    )
     grace_period: int = Field(1, gt=0, description="ASHA: epochs before a trial may be stopped")
     reduction_factor: float = Field(3, gt=1)
+    asha_weights: dict[str, float] | None = Field(
+        None,
+        description="several objectives: ASHA ranks trials by this weighted sum of the "
+        "objectives (each signed by its mode, so a larger sum is better); required then",
+    )
 
     @model_validator(mode="after")
     def _grace(self) -> BudgetSpec:
@@ -307,8 +317,65 @@ class StorageSpec(StrictModel):
 
 
 class OptunaSpec(StrictModel):
-    sampler: Literal["auto", "tpe", "random", "nsga2"] = "auto"
-    n_startup_trials: int = Field(10, ge=0, description="TPE: random trials before modelling")
+    """How each cell's study samples (samplers.py). Sized to the budget: a cell has a handful of
+    trials, so the sampler models after a third of them, not after Optuna's default 10."""
+
+    sampler: Literal["auto", "tpe", "gp", "random", "nsga2"] = Field(
+        "auto", description="auto = " + AUTO_SAMPLER + " (see README, Tuning)"
+    )
+    n_startup_trials: int | None = Field(
+        None,
+        ge=0,
+        description="trials drawn at random before the sampler models (the paper-setting "
+        "first trial counts as one); null = a third of trials_per_cell, at least 1",
+    )
+    constant_liar: bool | None = Field(
+        None,
+        description="TPE: count running trials as bad so trials asked together differ; "
+        "null = on unless resources.max_concurrent_trials is 1",
+    )
+    paired: bool = Field(
+        True,
+        description="cells that differ only in teacher loss draw the same hyperparameters for "
+        "the same trial number during the random phase (paired teacher comparison)",
+    )
+    warm_start: bool = Field(
+        True,
+        description="offer (enqueue) a sibling cell's best configuration (same method and "
+        "attack, other teacher) to a cell still tuning, once per sibling best",
+    )
+
+
+class ChooseSpec(StrictModel):
+    """Several objectives: which configuration of a cell's Pareto front is "the best"
+    (selection.py): `knee` = the front point nearest the ideal point once each objective is
+    scaled to [0, 1] over the front; `constrained` = the best `maximize` (or `minimize`)
+    among configurations meeting every `at_least` / `at_most` bound."""
+
+    rule: Literal["knee", "constrained"] = "knee"
+    maximize: str | None = None
+    minimize: str | None = None
+    at_least: dict[str, float] = Field(default_factory=dict)
+    at_most: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChooseSpec:
+        named = [m for m in (self.maximize, self.minimize) if m]
+        bounds = {**self.at_least, **self.at_most}
+        if self.rule == "knee" and (named or bounds):
+            raise ValueError("rule knee takes no maximize/minimize/at_least/at_most")
+        if self.rule == "constrained":
+            if len(named) != 1:
+                raise ValueError("rule constrained needs exactly one of maximize or minimize")
+            if not bounds:
+                raise ValueError(
+                    "rule constrained needs a bound, e.g. at_least: {val/clean_acc: 0.8}"
+                )
+        return self
+
+    def metrics(self) -> list[str]:
+        named = [m for m in (self.maximize, self.minimize) if m]
+        return named + list(self.at_least) + list(self.at_most)
 
 
 class SweepSpec(StrictModel):
@@ -333,6 +400,11 @@ class SweepSpec(StrictModel):
         ge=0,
         description="re-run each cell's best configuration (by the validation objective) with "
         "this many new seeds once the cell's tuning has ended, for mean ± std in the report",
+    )
+    choose: ChooseSpec | None = Field(
+        None,
+        description="several objectives: the rule that picks a cell's configuration from its "
+        "Pareto front; null = knee",
     )
     refit: bool = Field(
         False,
@@ -378,6 +450,7 @@ class SweepSpec(StrictModel):
                     )
         self._check_teachers(methods)
         self._check_norms()
+        self._check_objectives()
         for m in methods:
             if m.needs_attack and self.grid.train_attack == ["none"]:
                 raise ValueError(
@@ -385,6 +458,39 @@ class SweepSpec(StrictModel):
                     f"but grid.train_attack is only 'none'; add fgsm or pgd"
                 )
         return self
+
+    def _check_objectives(self) -> None:
+        metrics = [o.metric for o in self.objectives]
+        if len(set(metrics)) < len(metrics):
+            raise ValueError(f"objective: a metric is listed twice: {metrics}")
+        several = len(metrics) > 1
+        if self.choose is not None:
+            if not several:
+                raise ValueError(
+                    "choose: picks a configuration from a Pareto front; with one objective the "
+                    "best is its best value: remove choose"
+                )
+            for m in self.choose.metrics():
+                if m not in metrics:
+                    raise ValueError(
+                        f"choose: {m!r} is not an objective; allowed: {', '.join(metrics)}"
+                    )
+        w = self.budget.asha_weights
+        if w is not None:
+            bad = [m for m in w if m not in metrics]
+            if bad:
+                raise ValueError(
+                    f"budget.asha_weights: {bad[0]!r} is not an objective; allowed: "
+                    f"{', '.join(metrics)}"
+                )
+        asha = self.budget.early_stopping and self.budget.grace_period < self.budget.epochs
+        if several and asha and not w:
+            even = ", ".join(f"{m}: {1 / len(metrics):.2g}" for m in metrics)
+            raise ValueError(
+                f"budget: with {len(metrics)} objectives ASHA needs a declared scalarisation to "
+                f"rank trials by, e.g. asha_weights: {{{even}}}; or early_stopping: false "
+                "(every trial trains every epoch)"
+            )
 
     def _check_norms(self) -> None:
         norm = self.threat.norm
@@ -541,6 +647,17 @@ class SweepSpec(StrictModel):
             else:
                 notes.append(f"{method}: paper's {k}={v} is outside the range {describe(space[k])}")
         return params, notes
+
+    def startup_trials(self) -> int:
+        """Trials of a cell drawn at random before its sampler models (`optuna`)."""
+        n = self.optuna.n_startup_trials
+        return max(1, self.budget.trials_per_cell // 3) if n is None else n
+
+    def choose_rule(self) -> ChooseSpec | None:
+        """The rule that picks from a cell's Pareto front; None with one objective."""
+        if len(self.objectives) < 2:
+            return None
+        return self.choose or ChooseSpec()
 
     def teacher_seed(self) -> int:
         return self.seed if self.teacher.seed is None else self.teacher.seed

@@ -67,19 +67,6 @@ def test_searcher_survives_pickling_without_its_database_handles(tmp_path):
     assert again.suggest("b")["cell"] != s.live["a"][0]
 
 
-def test_sampler_is_tpe_for_one_objective_and_nsga2_for_several(tmp_path):
-    from sweep.search import make_sampler
-
-    one = parse_spec(tiny_spec_dict(tmp_path))
-    two = parse_spec(
-        tiny_spec_dict(
-            tmp_path, objective=[{"metric": "val/clean_acc"}, {"metric": "val/robust_acc"}]
-        )
-    )
-    assert isinstance(make_sampler(one, 0), optuna.samplers.TPESampler)
-    assert isinstance(make_sampler(two, 0), optuna.samplers.NSGAIISampler)
-
-
 def _restored(tmp_path, s, snapshot):
     spec = parse_spec(tiny_spec_dict(tmp_path))
     again = CellSearcher(spec, s.optuna_url)
