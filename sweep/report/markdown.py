@@ -1,6 +1,7 @@
-"""`summary.md`: the best configuration per cell, the teacher-loss comparison, the teachers, how
-each method and teacher loss was checked against its paper (footnotes.py: a † on a name in the
-tables, a footnote under them) and what is missing."""
+"""`summary.md`: the best configuration per cell, the teacher-loss comparison (paired gains with
+bootstrap CIs, gains.py, and what a conclusion still needs), the teachers, how each method and
+teacher loss was checked against its paper (footnotes.py: a † on a name in the tables, a
+footnote under them) and what is missing."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pandas as pd
 from ..spec import SweepSpec
 from .data import SweepData
 from .footnotes import Footnotes, footnotes
+from .gains import BASES, REFERENCE_TEACHER, gain_gaps, lookup, teacher_gains
+from .stats import MIN_PAIRS, Interval
 from .table import Best, reported_metrics
 
-REFERENCE_TEACHER = "ce"
+CI_TEXT = "95% CI, percentile bootstrap of the pairs"  # teacher_gains' default level
 
 
 def _pct(mean: float, std: float | None = None) -> str:
@@ -107,14 +110,25 @@ def refit_section(
 
 
 def comparison_section(
-    spec: SweepSpec, best: dict[str, Best], metrics: list[str], names: Footnotes
+    spec: SweepSpec,
+    gains: pd.DataFrame,
+    best: dict[str, Best],
+    metrics: list[str],
+    names: Footnotes,
+    gaps: list[str],
 ) -> list[str]:
-    """Each teacher loss's gain over the `ce` teacher, per method and train attack."""
+    """Each teacher loss's paired gain over the `ce` teacher (gains.py), per method and train
+    attack, on both bases; then what keeps the comparisons from a conclusion (`gaps`)."""
     lines = [
         f"## Teacher loss vs `{REFERENCE_TEACHER}` teacher",
         "",
-        "Gain in percentage points of the best configuration's mean test accuracy over that of "
-        f"the `{REFERENCE_TEACHER}` teacher's cell with the same method and train attack.",
+        "Gain = test accuracy with the teacher loss minus with the "
+        f"`{REFERENCE_TEACHER}` teacher, in percentage points: mean over paired runs "
+        f"[{CI_TEXT}] (n pairs); no CI under {MIN_PAIRS} pairs. *seeds*: each cell's best "
+        "configuration re-run with the same seeds in both cells (the gain at the tuned "
+        "optimum, over seeds). *trials*: tuning trials that ran identical hyperparameters "
+        "and seed in both cells, to the full budget (the method's paper setting and the "
+        "sampler's random phase: the gain averaged over those configurations).",
         "",
     ]
     cells = spec.cells()
@@ -135,28 +149,34 @@ def comparison_section(
                 continue
             if ref.key not in best:
                 notes.append(f"{attack}: `{ref.key}` has no finished trial yet: no comparison.")
-                continue
             for loss, cell in here.items():
                 if loss == REFERENCE_TEACHER:
                     continue
-                b = best.get(cell.key)
-                if b is None:
+                if cell.key not in best:
                     notes.append(f"{attack}: `{cell.key}` has no finished trial yet.")
-                    continue
-                gains = [_gain(b, best[ref.key], m) for m in metrics]
-                rows.append([attack, names.teacher(loss)] + gains)
+                shown = [
+                    gain_text(lookup(gains, cell, m, basis)) for m in metrics for basis in BASES
+                ]
+                rows.append([attack, names.teacher(loss)] + shown)
         lines.append("")
         if rows:
-            header = ["train attack", "teacher loss"] + [_short(m) for m in metrics]
+            header = ["train attack", "teacher loss"] + [
+                f"{_short(m)} {basis}" for m in metrics for basis in BASES
+            ]
             lines += _md_table(header, rows) + [""]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    if gaps:
+        lines += ["### Not yet conclusive", ""] + [f"- {g}" for g in gaps] + [""]
     return lines
 
 
-def _gain(b: Best, ref: Best, metric: str) -> str:
-    """Percentage points of `b` over `ref`; a dash where either lacks the metric."""
-    d = b.mean.get(metric, math.nan) - ref.mean.get(metric, math.nan)
-    return "—" if math.isnan(d) else f"{100 * d:+.2f}"
+def gain_text(iv: Interval) -> str:
+    """`+1.20 [-0.40, +2.80] (n=3)`; `+1.20 (n=2, no CI)` under MIN_PAIRS; `—` without pairs."""
+    if iv.n == 0:
+        return "—"
+    if not iv.has_ci:
+        return f"{iv.mean:+.2f} (n={iv.n}, no CI)"
+    return f"{iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}] (n={iv.n})"
 
 
 def pareto_metric(spec: SweepSpec) -> str | None:
@@ -241,9 +261,18 @@ def missing_lines(data: SweepData, df: pd.DataFrame, best: dict[str, Best]) -> l
 
 
 def summary_markdown(
-    data: SweepData, df: pd.DataFrame, best: dict[str, Best], missing: list[str]
+    data: SweepData,
+    df: pd.DataFrame,
+    best: dict[str, Best],
+    missing: list[str],
+    *,
+    gains: pd.DataFrame | None = None,
 ) -> str:
+    """summary.md. `gains`: gains.teacher_gains of the same df and best, when the caller has
+    it already (it is computed here otherwise: bootstraps are not free)."""
     spec = data.spec
+    if gains is None:
+        gains = teacher_gains(spec, df, best)
     obj = spec.objectives[0]
     metrics = [m for m in reported_metrics(spec, df) if m in df] or ["test/clean_acc"]
     counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()) or "none"
@@ -266,7 +295,8 @@ def summary_markdown(
     notes = footnotes(spec, data.teachers)
     lines += best_section(spec, best, metrics, notes)
     lines += refit_section(spec, data.refits, best, metrics, notes)
-    lines += comparison_section(spec, best, metrics, notes)
+    gaps = gain_gaps(spec, df, best, gains)
+    lines += comparison_section(spec, gains, best, metrics, notes, gaps)
     lines += teachers_section(spec, data.teachers, notes)
     lines += notes.section()
     lines += ["## Missing", ""]
