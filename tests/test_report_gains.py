@@ -188,6 +188,9 @@ def test_trials_pair_only_identical_full_finished_trials(spec):
 def test_trials_are_not_paired_when_a_searched_param_was_never_logged(spec):
     df = _table(spec, _sweep_rows(spec)).drop(columns="param.alpha")
     assert trial_pairs(spec, df, comparisons(spec)[0]).empty
+    gains = teacher_gains(spec, df, _best(df))
+    assert (gains[gains["basis"] == "trials"]["n"] == 0).all()
+    assert (gains[gains["basis"] == "seeds"]["n"] == 3).all()  # seeds do not need the params
 
 
 def test_seeds_pair_by_repeat_index_of_the_best_configurations(spec):

@@ -126,11 +126,11 @@ def trial_pairs(spec: SweepSpec, df: pd.DataFrame, comp: Comparison) -> pd.DataF
     only exists under a choice); none when a searched parameter was never logged at all, as
     then equality cannot be checked."""
     params = searched_params(spec, comp.cell.method)
-    if any(p not in df for p in params):
-        return df.iloc[0:0]
     pairs = full_trials(spec, df, comp.cell).merge(
         full_trials(spec, df, comp.ref), on="optuna_trial", suffixes=("_l", "_ref")
     )
+    if any(p not in df for p in params):
+        return pairs.iloc[0:0]
     same = np.ones(len(pairs), dtype=bool)
     for p in params:
         a, b = pairs[f"{p}_l"], pairs[f"{p}_ref"]
