@@ -1,4 +1,4 @@
-"""`sweep run | validate | status | evaluate | list`.
+"""`sweep run | validate | status | evaluate | list | dashboard`.
 
 A bad sweep file exits with status 2 and a message naming the file, the field and what is
 allowed, before Ray is imported, let alone started.
@@ -190,6 +190,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import DashboardError, dashboard
+
+    try:
+        dashboard(args.name, args.storage, host=args.host, port=args.port)
+    except (FileNotFoundError, DashboardError) as e:
+        return _fail(str(e))
+    return 0
+
+
 def _attack_listing(a: Any) -> dict[str, Any]:
     """A training attack: its training protocol (the sweep file's `train_attack.<name>` changes
     it), its evaluation step when the file sets none, and its own parameters."""
@@ -351,6 +361,18 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--examples", type=int, help="test examples (default: all)")
     e.add_argument("--force", action="store_true", help="re-evaluate runs already evaluated")
     e.set_defaults(fn=cmd_evaluate)
+    d = sub.add_parser(
+        "dashboard", help="optuna-dashboard on a sweep's Optuna studies (read-only, loopback)"
+    )
+    d.add_argument("name")
+    d.add_argument("--storage", default=DEFAULT_STORAGE, help=STORAGE_HELP)
+    d.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; the dashboard has no authentication)",
+    )
+    d.add_argument("--port", type=int, default=8080, help="(default: 8080)")
+    d.set_defaults(fn=cmd_dashboard)
     ls = sub.add_parser(
         "list", help="registered datasets, models, teacher losses, methods, attacks"
     )
