@@ -81,7 +81,7 @@ def test_interval_is_deterministic_and_absent_below_min_pairs():
 @pytest.fixture
 def spec(tmp_path):
     grid = {"teacher_loss": ["ce", "mse"], "method": ["kd"], "train_attack": ["pgd"]}
-    budget = {"trials_per_cell": 6, "epochs": EPOCHS, "grace_period": 1}
+    budget = {"trials_per_cell": 7, "epochs": EPOCHS, "grace_period": 1}
     return parse_spec(tiny_spec_dict(tmp_path, grid=grid, budget=budget, repeats=3))
 
 
@@ -119,10 +119,11 @@ TRIALS = {
     3: (SAME, OTHER, "different params"),
     4: ((1.2, 0.6), (1.2, 0.6), "ce FAILED"),
     5: ((2.5, 0.4), (2.5, 0.4), None),
+    6: ((1.8, 0.45), (1.8, 0.45), "different seeds"),  # a spec changed between the runs
 }
 PAIRED = [0, 1, 5]
-CE_ACC = {0: 0.61, 1: 0.70, 2: 0.55, 3: 0.58, 4: 0.40, 5: 0.66}
-MSE_ACC = {0: 0.64, 1: 0.69, 2: 0.60, 3: 0.50, 4: 0.62, 5: 0.71}
+CE_ACC = {0: 0.61, 1: 0.70, 2: 0.55, 3: 0.58, 4: 0.40, 5: 0.66, 6: 0.30}
+MSE_ACC = {0: 0.64, 1: 0.69, 2: 0.60, 3: 0.50, 4: 0.62, 5: 0.71, 6: 0.80}
 REPEAT_ACC = {CE: [0.68, 0.71, 0.69], MSE: [0.72, 0.70, 0.74]}  # repeats k = 1, 2, 3
 
 
@@ -156,7 +157,10 @@ def _sweep_rows(spec, *, mse_repeat3: str = "FINISHED") -> list[dict]:
             ce["epochs_trained"] = EPOCHS - 1
         if why == "ce FAILED":
             ce["status"] = "FAILED"
-        rows += [ce, _row(MSE, k, mse_hp, MSE_ACC[k])]
+        mse = _row(MSE, k, mse_hp, MSE_ACC[k])
+        if why == "different seeds":
+            mse["seed"] = k + 100
+        rows += [ce, mse]
     for cell, hp in ((CE, TRIALS[1][0]), (MSE, TRIALS[1][1])):
         for k, acc in enumerate(REPEAT_ACC[cell], start=1):
             status = mse_repeat3 if (cell, k) == (MSE, 3) else "FINISHED"
@@ -241,7 +245,7 @@ def test_markdown_shows_the_gain_with_its_ci_on_both_bases(spec):
 
 def test_fewer_than_three_seed_pairs_give_no_ci_and_say_what_is_missing(tmp_path):
     grid = {"teacher_loss": ["ce", "mse"], "method": ["kd"], "train_attack": ["pgd"]}
-    budget = {"trials_per_cell": 6, "epochs": EPOCHS, "grace_period": 1}
+    budget = {"trials_per_cell": 7, "epochs": EPOCHS, "grace_period": 1}
     spec = parse_spec(tiny_spec_dict(tmp_path, grid=grid, budget=budget, repeats=2))
     rows = [r for r in _sweep_rows(spec) if (r["repeat"] or 0) < 3]
     s = _summary(spec, _table(spec, rows))

@@ -97,9 +97,13 @@ def seed_pairs(df: pd.DataFrame, best: dict[str, Best], comp: Comparison) -> pd.
     pairs = seed_repeats(df, best, comp.cell).merge(
         seed_repeats(df, best, comp.ref), on="repeat", suffixes=("_l", "_ref")
     )
+    return pairs[_same_seed(pairs)]
+
+
+def _same_seed(pairs: pd.DataFrame) -> np.ndarray:
+    """Per pair: the logged seeds agree (an unlogged one is trusted to follow the index)."""
     a, b = pairs["seed_l"], pairs["seed_ref"]
-    same = (a == b).fillna(False) | a.isna() | b.isna()  # an unlogged seed: trust k
-    return pairs[same.astype(bool)]
+    return ((a == b).fillna(False) | a.isna() | b.isna()).to_numpy(dtype=bool)
 
 
 def searched_params(spec: SweepSpec, method: str) -> list[str]:
@@ -121,8 +125,8 @@ def full_trials(spec: SweepSpec, df: pd.DataFrame, cell: Cell) -> pd.DataFrame:
 
 
 def trial_pairs(spec: SweepSpec, df: pd.DataFrame, comp: Comparison) -> pd.DataFrame:
-    """Tuning trial k of L beside trial k of ce when both trained the full budget and every
-    searched hyperparameter is identical (both absent counts as identical: a parameter that
+    """Tuning trial k of L beside trial k of ce when both trained the full budget, with the
+    same seed, and every searched hyperparameter is identical (both absent counts as identical: a parameter that
     only exists under a choice); none when a searched parameter was never logged at all, as
     then equality cannot be checked."""
     params = searched_params(spec, comp.cell.method)
@@ -131,7 +135,7 @@ def trial_pairs(spec: SweepSpec, df: pd.DataFrame, comp: Comparison) -> pd.DataF
     )
     if any(p not in df for p in params):
         return pairs.iloc[0:0]
-    same = np.ones(len(pairs), dtype=bool)
+    same = _same_seed(pairs)  # trial k's seed is the sweep's seed + k in every cell
     for p in params:
         a, b = pairs[f"{p}_l"], pairs[f"{p}_ref"]
         same &= ((a == b).fillna(False) | (a.isna() & b.isna())).to_numpy(dtype=bool)
