@@ -61,13 +61,15 @@ def cell_status(
     for cell in spec.cells():
         trials = studies.get(cell.key, [])
         count = {st: sum(t.state == st for t in trials) for st in S}
-        candidates = selection.from_optuna(trials, obj)
+        candidates = selection.from_optuna(trials, obj, spec.budget.epochs)
+        # several objectives: a stopped trial is COMPLETE, with its values when it stopped
+        early = sum(not c.full for c in candidates)
         runs = repeats.get(cell.key, [])
         out.append(
             CellStatus(
                 cell=cell.key,
-                done=count[S.COMPLETE],
-                stopped=count[S.PRUNED],
+                done=count[S.COMPLETE] - early,
+                stopped=count[S.PRUNED] + early,
                 running=count[S.RUNNING],
                 failed=count[S.FAIL],
                 todo=spec.budget.trials_per_cell - len(trials),
@@ -92,13 +94,14 @@ def status_table(
     obj = selection.objective(spec)
     rep_col = f" {'repeats':>8}" if spec.repeats else ""
     lines = [
-        f"sweep {spec.name}: objective {obj.mode} {obj.metric}",
+        f"sweep {spec.name}: objective {obj.describe()}",
         f"{'cell':<28} {'done':>5} {'stopped':>8} {'running':>8} {'failed':>7} {'todo':>5}"
         f"{rep_col}  best",
     ]
     for c in cell_status(spec, layout, tracker):
         best = c.best
-        shown = f"{best.score:.4f} ({_params_text(best.first.ref.params)})" if best else ""
+        score = "/".join(f"{v:.4f}" for v in best.scores) if best else ""
+        shown = f"{score} ({_params_text(best.first.ref.params)})" if best else ""
         rep = f" {f'{c.repeats_finished}/{spec.repeats}':>8}" if spec.repeats else ""
         lines.append(
             f"{c.cell:<28} {c.done:>5} {c.stopped:>8} {c.running:>8} {c.failed:>7} "

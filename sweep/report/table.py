@@ -142,11 +142,12 @@ class Best:
     config: str
     run_name: str
     run_id: str
-    score: float  # the validation objective it was chosen by
+    score: float  # the validation objective it was chosen by (the first, if several)
     n: int
     hp: str
     mean: dict[str, float]
     std: dict[str, float]
+    scores: tuple[float, ...] = ()  # every objective's value, in the sweep's order
 
 
 def reported_metrics(spec: SweepSpec, df: pd.DataFrame) -> list[str]:
@@ -168,17 +169,18 @@ def _hp_text(spec: SweepSpec, row: pd.Series) -> str:
 
 def _candidates(spec: SweepSpec, rows: pd.DataFrame) -> list[selection.Candidate]:
     """A cell's FINISHED rows as selection.py sees them (as `selection.from_runs` reads runs)."""
-    obj = selection.objective(spec)
+    obj = selection.rule(spec)
     out = []
     for _, row in rows[rows["status"] == "FINISHED"].iterrows():
-        value, number, repeat = row[obj.metric], row["optuna_trial"], row["repeat"]
+        number, repeat = row["optuna_trial"], row["repeat"]
+        values = tuple(float("nan") if pd.isna(row[m]) else float(row[m]) for m in obj.metrics)
         trained = row["epochs_trained"]
         out.append(
             selection.Candidate(
                 config=str(row["config"]),
                 number=None if pd.isna(number) else int(number),
                 repeat=0 if pd.isna(repeat) else int(repeat),
-                value=float("nan") if pd.isna(value) else float(value),
+                value=values[0] if len(values) == 1 else values,
                 full=not pd.isna(trained) and int(trained) >= spec.budget.epochs,
                 ref=row,
             )
@@ -189,8 +191,8 @@ def _candidates(spec: SweepSpec, rows: pd.DataFrame) -> list[selection.Candidate
 def best_configs(spec: SweepSpec, df: pd.DataFrame) -> dict[str, Best]:
     """Per cell with a finished run: its best configuration by the sweep's one rule
     (selection.py), with the test numbers over the configuration's finished runs."""
-    obj = selection.objective(spec)
-    if obj.metric not in df:
+    obj = selection.rule(spec)
+    if any(m not in df for m in obj.metrics):
         return {}
     metrics = [m for m in reported_metrics(spec, df) if m in df]
     out: dict[str, Best] = {}
@@ -206,6 +208,7 @@ def best_configs(spec: SweepSpec, df: pd.DataFrame) -> dict[str, Best]:
             run_name=str(first["run_name"]),
             run_id=str(first["run_id"]),
             score=best.score,
+            scores=best.scores,
             n=len(group),
             hp=_hp_text(spec, first),
             mean={m: float(group[m].mean()) for m in metrics},
