@@ -173,7 +173,9 @@ def cell_front_points(
 ) -> dict[str, CellFront]:
     """Per cell with at least one point, in grid order: its panel of `plot_cell_fronts`."""
     rows = tuned_full_rows(spec, df)
-    out = {}
+    out: dict[str, CellFront] = {}
+    if rows.empty:
+        return out
     for cell in spec.cells():
         points, partial = [], 0
         for _, r in rows[rows["cell"] == cell.key].iterrows():
