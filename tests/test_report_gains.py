@@ -293,3 +293,14 @@ def test_gaps_name_cells_without_a_ce_reference(tmp_path):
     assert gains.empty and list(gains.columns) == COLUMNS
     (gap,) = gain_gaps(spec, df, {}, gains)
     assert "no `ce` teacher cell" in gap and f"`{MSE}`" in gap
+
+
+def test_a_sweep_without_repeats_is_told_to_run_some(tmp_path):
+    grid = {"teacher_loss": ["ce", "mse"], "method": ["kd"], "train_attack": ["pgd"]}
+    budget = {"trials_per_cell": 7, "epochs": EPOCHS, "grace_period": 1}
+    spec = parse_spec(tiny_spec_dict(tmp_path, grid=grid, budget=budget))
+    df = _table(spec, [r for r in _sweep_rows(spec) if r["repeat"] is None])
+    best = _best(df)
+    (gap,) = gain_gaps(spec, df, best, teacher_gains(spec, df, best))
+    assert "0 seed pairs" in gap and "no seed repeats (`repeats: 0`)" in gap
+    assert "set `repeats: 3` or more" in gap and "the trials basis has 3 pairs." in gap

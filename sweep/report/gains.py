@@ -239,6 +239,10 @@ def gain_gaps(
         if unfinished:
             have = " has" if len(unfinished) == 1 else " have"
             why = " and ".join(f"`{k}`" for k in unfinished) + have + " no finished trial yet"
+        elif spec.repeats == 0:
+            why = (
+                f"the sweep runs no seed repeats (`repeats: 0`); set `repeats: {MIN_PAIRS}` or more"
+            )
         else:
             got = ", ".join(
                 f"`{c.key}` {len(seed_repeats(df, best, c))}" for c in (comp.cell, comp.ref)
