@@ -36,6 +36,9 @@ def _load(path: str, name: str | None = None) -> Any:
 def plan(spec: Any) -> str:
     """What `sweep validate` prints: cells, trials, epochs, spaces."""
     from .protocol import protocol_lines
+    from .samplers import budget_warnings
+    from .samplers import describe as describe_tuning
+    from .selection import rule
     from .space import describe
     from .teacher_defs import fmt_value
 
@@ -47,7 +50,8 @@ def plan(spec: Any) -> str:
         f"teacher {spec.teacher.arch} ({spec.teacher.epochs} epochs), eps {spec.threat.eps:.4g}",
         f"{len(cells)} cells x {spec.budget.trials_per_cell} trials{repeats} = {total} trials, "
         f"up to {spec.budget.epochs} epochs each (ASHA grace {spec.budget.grace_period})",
-        "objective: " + ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
+        "objective: " + rule(spec).describe(),
+        describe_tuning(spec),
         "test suite: clean, " + ", ".join(a.key for a in spec.evaluation.attacks),
         f"resources per trial: {spec.resources.cpus_per_trial} CPU, {spec.resources.gpus_per_trial} GPU"
         f"; compute: precision {spec.compute.precision}, channels_last "
@@ -85,6 +89,7 @@ def plan(spec: Any) -> str:
     )
     if shown:
         lines.append(f"first trial of each cell, the paper's setting: {shown}")
+    lines += [f"warning: {w}" for w in budget_warnings(spec)]
     if spec.refit:
         lines.append(
             "refit: each cell's best configuration is retrained on train + validation for its "
