@@ -167,7 +167,7 @@ def _hp_text(spec: SweepSpec, row: pd.Series) -> str:
     return ", ".join(out) or "-"
 
 
-def _candidates(spec: SweepSpec, rows: pd.DataFrame) -> list[selection.Candidate]:
+def candidates(spec: SweepSpec, rows: pd.DataFrame) -> list[selection.Candidate]:
     """A cell's FINISHED rows as selection.py sees them (as `selection.from_runs` reads runs)."""
     obj = selection.rule(spec)
     out = []
@@ -197,7 +197,7 @@ def best_configs(spec: SweepSpec, df: pd.DataFrame) -> dict[str, Best]:
     metrics = [m for m in reported_metrics(spec, df) if m in df]
     out: dict[str, Best] = {}
     for cell, rows in df.groupby("cell", sort=False):
-        best = selection.best(_candidates(spec, rows), obj)
+        best = selection.best(candidates(spec, rows), obj)
         if best is None:
             continue
         group = pd.DataFrame([c.ref for c in best.runs])
