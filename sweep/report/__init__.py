@@ -29,6 +29,13 @@ Files written (to `<storage>/<name>/report`, or `out`):
   teacher loss was checked against its paper (footnotes.py: its fidelity record as a footnote;
   a † after the name, in every table, of one that is not the paper's as published:
   reconstructed, kdsweep's own, or with known departures), and what is missing.
+- `gains.csv` and `gains.png` (gains.py, stats.py): the question the sweep is run for. For each
+  method × training attack, each teacher loss's gain over the `ce` teacher on clean and every
+  robust test metric, in percentage points, as the mean of paired differences with a percentile
+  bootstrap 95% CI (from 3 pairs on) on two bases: `seeds`, the cells' best configurations
+  re-run with the same seeds (`repeats:`), and `trials`, tuning trials with the same number,
+  seed and hyperparameters (the paired random phase, samplers.py). The heatmap: teacher loss ×
+  method, a panel per training attack and metric, `*` where the CI excludes 0.
 - `pareto.png`: test clean vs robust accuracy (first attack of `evaluation.attacks`), one point
   per cell's best configuration, the Pareto front drawn.
 - `history/<cell>.png`: the cell's Optuna study, objective per trial number and best so far
@@ -46,8 +53,10 @@ from pathlib import Path
 from ..tracking import Tracker
 from .data import SweepData, read_sweep
 from .footnotes import footnotes
+from .gains import plot_gains, teacher_gains, write_gains
 from .markdown import missing_lines, summary_markdown
 from .plots import pareto_front, plot_history, plot_pareto, safe_name
+from .stats import MIN_PAIRS
 from .table import Best, best_configs, trials_table, write_table
 
 
@@ -66,10 +75,13 @@ def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | 
     df = trials_table(data.spec, data.students)
     best = best_configs(data.spec, df)
     missing = missing_lines(data, df, best)
+    gains = teacher_gains(data.spec, df, best)  # bootstraps: computed once
     files = write_table(df, out_dir)
-    (out_dir / "summary.md").write_text(summary_markdown(data, df, best, missing))
+    (out_dir / "summary.md").write_text(summary_markdown(data, df, best, missing, gains=gains))
     files.append(out_dir / "summary.md")
     notes = footnotes(data.spec, data.teachers)
+    files.append(write_gains(gains, out_dir))
+    files.append(plot_gains(gains, out_dir / "gains.png", notes=notes))
     files.append(plot_pareto(data.spec, best, out_dir / "pareto.png", notes))
     for cell, trials in data.studies.items():
         path = out_dir / "history" / f"{safe_name(cell)}.png"
@@ -77,10 +89,13 @@ def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | 
     parent = data.state["parent_run_id"]
     log_to_parent(data.tracker, parent, out_dir, files)
     finished = int((df["status"] == "FINISHED").sum())
+    n_ci = int(((gains["basis"] == "seeds") & (gains["n"] >= MIN_PAIRS)).sum())
     lines = [
         f"report of sweep {name}: {out_dir}",
         f"  trials.parquet, trials.csv: {len(df)} trials ({finished} finished)",
         f"  summary.md: best configuration of {len(best)} of {len(data.spec.cells())} cells",
+        f"  gains.csv, gains.png: {len(gains)} paired gains over the ce teacher "
+        f"({n_ci} at the best configurations with a 95% CI)",
         f"  pareto.png, history/: {len(data.studies)} optimisation-history plots",
         f"  MLflow: artifacts report/ of the sweep's run {parent}",
     ]

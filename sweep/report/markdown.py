@@ -10,9 +10,11 @@ from typing import Any
 
 import pandas as pd
 
+from .. import selection
 from ..spec import SweepSpec
 from .data import SweepData
 from .footnotes import Footnotes, footnotes
+from .front import front_section
 from .gains import BASES, REFERENCE_TEACHER, gain_gaps, lookup, teacher_gains
 from .stats import MIN_PAIRS, Interval
 from .table import Best, reported_metrics
@@ -46,14 +48,21 @@ def _names(notes: Footnotes, cell: Any) -> list[str]:
     return [teacher, notes.method(cell.method)]
 
 
+def scores(b: Best) -> tuple[float, ...]:
+    """The validation objectives a best was chosen by (one with one objective)."""
+    return b.scores or (b.score,)
+
+
 def best_section(
     spec: SweepSpec, best: dict[str, Best], metrics: list[str], notes: Footnotes
 ) -> list[str]:
     obj = spec.objectives[0]
+    rule = selection.rule(spec)
+    chosen = f"{obj.mode} `{obj.metric}`" if rule.choose is None else rule.describe()
     lines = [
         "## Best configuration per cell",
         "",
-        f"Chosen by {obj.mode} `{obj.metric}` (validation) of the tuned trial; test accuracy in "
+        f"Chosen by {chosen} (validation) of the tuned trial; test accuracy in "
         "% as mean ± sample std over the configuration's n finished runs (repeats included); "
         "`final/` columns (from `sweep evaluate`) average the runs that have them.",
         "",
@@ -69,11 +78,17 @@ def best_section(
             )
             continue
         rows.append(
-            [cell.key, *_names(notes, cell), b.hp, str(b.n), f"{b.score:.4f}"]
+            [
+                cell.key,
+                *_names(notes, cell),
+                b.hp,
+                str(b.n),
+                "/".join(f"{v:.4f}" for v in scores(b)),
+            ]
             + [_pct(b.mean[m], b.std[m]) for m in metrics]
             + [f"`{b.run_name}`"]
         )
-    header = ["cell", "teacher", "method", "hyperparameters", "n", obj.metric] + [
+    header = ["cell", "teacher", "method", "hyperparameters", "n", " / ".join(rule.metrics)] + [
         _short(m) for m in metrics
     ]
     return lines + _md_table(header + ["run"], rows) + [""]
@@ -273,7 +288,6 @@ def summary_markdown(
     spec = data.spec
     if gains is None:
         gains = teacher_gains(spec, df, best)
-    obj = spec.objectives[0]
     metrics = [m for m in reported_metrics(spec, df) if m in df] or ["test/clean_acc"]
     counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()) or "none"
     n_test = spec.evaluation.test_examples or "all"
@@ -286,7 +300,8 @@ def summary_markdown(
         + ", "
         f"{spec.budget.epochs} epochs; dataset {spec.dataset.name}, student "
         f"{spec.student.arch}, {spec.threat.norm} eps {spec.threat.eps:.4g}",
-        f"- objective: {obj.mode} `{obj.metric}` (validation split; test numbers never choose)",
+        f"- objective: {selection.rule(spec).describe()} (validation split; test numbers never "
+        "choose)",
         f"- test suite: clean, {', '.join(a.key for a in spec.evaluation.attacks)} "
         f"on {n_test} test examples per trial",
         f"- trials in MLflow: {len(df)} ({counts})",
@@ -294,6 +309,7 @@ def summary_markdown(
     ]
     notes = footnotes(spec, data.teachers)
     lines += best_section(spec, best, metrics, notes)
+    lines += front_section(spec, df)
     lines += refit_section(spec, data.refits, best, metrics, notes)
     gaps = gain_gaps(spec, df, best, gains)
     lines += comparison_section(spec, gains, best, metrics, notes, gaps)
