@@ -36,8 +36,14 @@ Files written (to `<storage>/<name>/report`, or `out`):
   re-run with the same seeds (`repeats:`), and `trials`, tuning trials with the same number,
   seed and hyperparameters (the paired random phase, samplers.py). The heatmap: teacher loss ×
   method, a panel per training attack and metric, `*` where the CI excludes 0.
-- `pareto.png`: test clean vs robust accuracy (first attack of `evaluation.attacks`), one point
-  per cell's best configuration, the Pareto front drawn.
+- `importances.csv` and `importances.png` (importance.py): per method, each searched
+  hyperparameter's fANOVA importance (Optuna's evaluator) for each objective, the mean over the
+  method's cells with at least 4 full-budget trials (and n cells); cells skipped say why.
+- `pareto.png`: test clean vs worst-case robust accuracy (the minimum over `evaluation.attacks`,
+  plots.worst_case_robust), one point per cell's best configuration, the Pareto front drawn.
+- `fronts.png`: one panel per cell, its full-budget tuned trials on the same axes, the cell's
+  Pareto front and its chosen best (★). With several objectives, summary.md also lists each
+  cell's front on the validation objectives and the configuration `choose:` took from it.
 - `history/<cell>.png`: the cell's Optuna study, objective per trial number and best so far
   (characters other than letters, digits and `_.,=+-` in a cell key become `_`).
 
@@ -54,8 +60,9 @@ from ..tracking import Tracker
 from .data import SweepData, read_sweep
 from .footnotes import footnotes
 from .gains import plot_gains, teacher_gains, write_gains
+from .importance import param_importances, write_importances
 from .markdown import missing_lines, summary_markdown
-from .plots import pareto_front, plot_history, plot_pareto, safe_name
+from .plots import pareto_front, plot_cell_fronts, plot_history, plot_pareto, safe_name
 from .stats import MIN_PAIRS
 from .table import Best, best_configs, trials_table, write_table
 
@@ -76,13 +83,17 @@ def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | 
     best = best_configs(data.spec, df)
     missing = missing_lines(data, df, best)
     gains = teacher_gains(data.spec, df, best)  # bootstraps: computed once
+    imp = param_importances(data.spec, data.studies)
     files = write_table(df, out_dir)
-    (out_dir / "summary.md").write_text(summary_markdown(data, df, best, missing, gains=gains))
+    summary = summary_markdown(data, df, best, missing, gains=gains, importances=imp)
+    (out_dir / "summary.md").write_text(summary)
     files.append(out_dir / "summary.md")
     notes = footnotes(data.spec, data.teachers)
     files.append(write_gains(gains, out_dir))
     files.append(plot_gains(gains, out_dir / "gains.png", notes=notes))
+    files += write_importances(data.spec, imp, out_dir, notes)
     files.append(plot_pareto(data.spec, best, out_dir / "pareto.png", notes))
+    files.append(plot_cell_fronts(data.spec, df, best, out_dir / "fronts.png", notes))
     for cell, trials in data.studies.items():
         path = out_dir / "history" / f"{safe_name(cell)}.png"
         files.append(plot_history(data.spec, cell, trials, path))
@@ -96,7 +107,8 @@ def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | 
         f"  summary.md: best configuration of {len(best)} of {len(data.spec.cells())} cells",
         f"  gains.csv, gains.png: {len(gains)} paired gains over the ce teacher "
         f"({n_ci} at the best configurations with a 95% CI)",
-        f"  pareto.png, history/: {len(data.studies)} optimisation-history plots",
+        f"  importances.csv, importances.png: {len(imp.cells)} cells with enough trials",
+        f"  pareto.png, fronts.png, history/: {len(data.studies)} optimisation-history plots",
         f"  MLflow: artifacts report/ of the sweep's run {parent}",
     ]
     if missing:

@@ -16,6 +16,7 @@ from .data import SweepData
 from .footnotes import Footnotes, footnotes
 from .front import front_section
 from .gains import BASES, REFERENCE_TEACHER, gain_gaps, lookup, teacher_gains
+from .importance import Importances, importance_section, param_importances
 from .stats import MIN_PAIRS, Interval
 from .table import Best, reported_metrics
 
@@ -282,6 +283,7 @@ def summary_markdown(
     missing: list[str],
     *,
     gains: pd.DataFrame | None = None,
+    importances: Importances | None = None,
 ) -> str:
     """summary.md. `gains`: gains.teacher_gains of the same df and best, when the caller has
     it already (it is computed here otherwise: bootstraps are not free)."""
@@ -313,6 +315,9 @@ def summary_markdown(
     lines += refit_section(spec, data.refits, best, metrics, notes)
     gaps = gain_gaps(spec, df, best, gains)
     lines += comparison_section(spec, gains, best, metrics, notes, gaps)
+    if importances is None:
+        importances = param_importances(spec, data.studies)
+    lines += importance_section(spec, importances, notes)
     lines += teachers_section(spec, data.teachers, notes)
     lines += notes.section()
     lines += ["## Missing", ""]
