@@ -82,3 +82,51 @@ def test_overhead_loop_stops_a_trial_the_way_ray_does():
     ov = _load("sweep_overhead")
     assert issubclass(ov.StopAtEpoch, SystemExit)
     assert not issubclass(ov.StopAtEpoch, Exception)
+
+
+def test_tuning_quality_regret_is_the_truth_of_what_the_sweeps_rule_picks(tmp_path):
+    """The bench's regret: the objective's optimum (its noiseless maximum, at the cell's centre,
+    away from kd's paper setting) minus the noiseless value of the trial the sweep's rule picks
+    on the noisy values; a cell's 'running at ask' counts its trials started and not ended."""
+    import datetime
+
+    import numpy as np
+    import optuna
+
+    tq = _load("tuning_quality")
+    f = tq.KDSurface()
+    args = tq.parse_args(["--seeds", "1"])
+    spec = tq.bench_spec("t", 0, tq.SAMPLERS["default"], args, tq.DEFAULT_SPACE, tmp_path)
+    assert [c.key for c in spec.cells()] == ["ce.kd.pgd", "mse.kd.pgd"]
+    cell = spec.cells()[1]
+    c = f.cell_centre(cell.key)
+    top = {"temperature": 1 + 7 * c[0], "alpha": 0.1 + 0.8 * c[1], "lr": 1e-3 * 300 ** c[2]}
+    assert abs(f.truth(top, cell.key) - f.optimum(cell.key)) < 1e-9
+    paper, _ = spec.paper_start("kd")
+    assert f.optimum(cell.key) - f.truth(paper | {"lr": top["lr"]}, cell.key) > 0.4
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        hp = {"temperature": rng.uniform(1, 8), "alpha": rng.uniform(0.1, 0.9)}
+        hp["lr"] = float(np.exp(rng.uniform(np.log(1e-3), np.log(0.3))))
+        assert f.truth(hp, cell.key) <= f.optimum(cell.key)
+    config = {"seed": 3, "number": 2, "cell": cell.key}
+    assert tq.noise_rng(config).normal() == tq.noise_rng(config).normal()
+
+    lucky = {"temperature": 2.0, "alpha": 0.8, "lr": 0.2}  # worse truly, better observed
+    t0 = datetime.datetime(2026, 1, 1)
+    dist = {k: optuna.distributions.FloatDistribution(0, 10) for k in top}
+    trials = [
+        optuna.trial.create_trial(
+            params=hp,
+            distributions=dist,
+            value=f.truth(hp, cell.key) + bump,
+        )
+        for hp, bump in ((top, 0.0), (lucky, 0.9))
+    ]
+    for i, t in enumerate(trials):
+        t.number = i
+        t.datetime_start = t0 + datetime.timedelta(seconds=i)
+        t.datetime_complete = t0 + datetime.timedelta(seconds=5)
+    regret = f.optimum(cell.key) - tq.picked_truth(spec, trials, f, cell)
+    assert abs(regret - (f.optimum(cell.key) - f.truth(lucky, cell.key))) < 1e-9
+    assert tq.running_at_ask(trials) == [0, 1]
