@@ -84,7 +84,7 @@ class SweepConsole:
         *,
         per_cell: int,
         total: int,
-        objective: Objective,
+        objective: Objective | selection.Rule,
         epochs: int,
         stream: TextIO | None = None,
         live: bool | None = None,
@@ -96,6 +96,9 @@ class SweepConsole:
         self.live = is_terminal(self.stream) if live is None else live
         self.cells = {c: CellTally(per_cell) for c in cells}
         self.total, self.objective, self.epochs = total, objective, epochs
+        self.metrics = (
+            objective.metrics if isinstance(objective, selection.Rule) else [objective.metric]
+        )
         self.clock, self.heartbeat_s, self.refresh_s = clock, heartbeat_s, refresh_s
         self._fraction: dict[str, float] = {}  # running trial id -> share of its budget done
         self._lock = threading.RLock()
@@ -132,9 +135,15 @@ class SweepConsole:
         return sum(t.running for t in self.cells.values())
 
     def best(self, cell: str) -> float | None:
-        """The cell's best value so far, by selection.py's rule."""
+        """The cell's best value so far (the first objective's, if several), by selection.py's
+        rule."""
         ranked = selection.best(self.cells[cell].candidates, self.objective)
         return ranked.score if ranked else None
+
+    def best_scores(self, cell: str) -> tuple[float, ...] | None:
+        """Every objective of the cell's best so far."""
+        ranked = selection.best(self.cells[cell].candidates, self.objective)
+        return ranked.scores if ranked else None
 
     def _units(self) -> float:
         """Trials' worth of work done: ended trials, and running ones by their epochs."""
@@ -160,8 +169,8 @@ class SweepConsole:
         return f"[{self.ended}/{self.total} trials, {self._clock_text()}]"
 
     def _best_text(self, cell: str) -> str:
-        b = self.best(cell)
-        return "-" if b is None else f"{b:.4f}"
+        b = self.best_scores(cell)
+        return "-" if b is None else "/".join(f"{v:.4f}" for v in b)
 
     @staticmethod
     def _counts(tallies: Iterable[CellTally]) -> str:
@@ -204,7 +213,7 @@ class SweepConsole:
         label: str,
         outcome: str,
         *,
-        value: float | None = None,
+        value: float | tuple[float, ...] | None = None,
         epoch: int = 0,
         config: str | None = None,
         number: int | None = None,
@@ -219,15 +228,17 @@ class SweepConsole:
             setattr(t, outcome, getattr(t, outcome) + 1)
             t.running = max(0, t.running - 1)
             self._fraction.pop(trial_id, None)
-            if outcome == DONE and isinstance(value, float):
+            if outcome == DONE and isinstance(value, float | tuple):
                 t.candidates.append(
                     selection.Candidate(config or label, number, repeat, value, True)
                 )
-            metric = self.objective.metric
             if outcome == FAILED and reason:
                 shown = reason
+            elif isinstance(value, float | tuple):
+                values = value if isinstance(value, tuple) else (value,)
+                shown = ", ".join(f"{m}={v:.4f}" for m, v in zip(self.metrics, values, strict=True))
             else:
-                shown = f"{metric}={value:.4f}" if isinstance(value, float) else "no result"
+                shown = "no result"
             line = f"{self._head()} {label} {WHAT[outcome]}: {shown} (epoch {epoch}/{self.epochs})"
             if not self.live:  # on a terminal the cell's bar says it
                 line += f" | {cell} {self.cell_text(cell)}"

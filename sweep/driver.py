@@ -22,6 +22,7 @@ import torch
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
+from . import selection
 from .checkpoints import FAILED, STOPPED
 from .config import TrialConfig
 from .console import DONE, SweepConsole, duration, is_terminal
@@ -91,13 +92,17 @@ class Progress(tune.Callback):
 
     def _ended(self, trial: Any, outcome: str, reason: str = "") -> None:
         c, r = self._config(trial), trial.last_result or {}
-        val = r.get(self.spec.objectives[0].metric)
+        got = [r.get(o.metric) for o in self.spec.objectives]
+        if all(isinstance(v, float) for v in got):
+            val: float | tuple[float, ...] | None = got[0] if len(got) == 1 else tuple(got)
+        else:
+            val = None
         self.console.trial_ended(
             trial.trial_id,
             c.cell if c else "",
             c.label if c else trial.trial_id,
             outcome,
-            value=val if isinstance(val, float) else None,
+            value=val,
             epoch=int(r.get("epoch", 0)),
             config=c.config_key if c else None,
             number=c.number if c else None,
@@ -507,7 +512,7 @@ def _console(spec: SweepSpec, total: int) -> SweepConsole:
         [c.key for c in spec.cells()],
         per_cell=spec.budget.trials_per_cell + spec.repeats,
         total=total,
-        objective=spec.objectives[0],
+        objective=selection.rule(spec),
         epochs=spec.budget.epochs,
     )
 

@@ -272,3 +272,18 @@ def test_constrained_picks_the_most_robust_meeting_the_clean_bound_else_the_near
     )
     pts = [_c("0", (0.5, 0.45)), _c("1", (0.3, 0.41)), _c("2", (0.1, 0.2))]
     assert rank(pts, with_loss)[0].config == "1"
+
+
+def test_the_progress_display_shows_every_objective_and_the_rules_best():
+    import io
+
+    from sweep.console import DONE, SweepConsole
+
+    rule = Rule(MAX2, ChooseSpec(rule="knee"))
+    out = io.StringIO()
+    c = SweepConsole(["a"], per_cell=4, total=4, objective=rule, epochs=2, stream=out, live=False)
+    for i, v in enumerate([(0.95, 0.10), (0.80, 0.45), (0.60, 0.50), (0.70, 0.40)]):
+        line = c.trial_ended(f"t{i}", "a", f"a#{i}", DONE, value=v, epoch=2, number=i)
+    assert "val/clean_acc=0.7000, val/robust_acc=0.4000" in line
+    assert c.best_scores("a") == (0.80, 0.45)  # the knee, not the best clean accuracy
+    assert "best 0.8000/0.4500" in c.cell_text("a")
