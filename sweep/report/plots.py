@@ -230,20 +230,7 @@ def plot_cell_fronts(
         ax.set_title(notes.cell(f.cell) if notes else f.cell, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(fronts) :]:
-        ax.set_axis_off()
-    if fronts:
-        axes[0].legend(fontsize=6, loc="lower left")
-    else:
-        axes[0].set_axis_on()
-        axes[0].text(
-            0.5,
-            0.5,
-            "no full-budget finished trial yet",
-            ha="center",
-            va="center",
-            transform=axes[0].transAxes,
-        )
+    _spare_panels(axes, len(fronts), "no full-budget finished trial yet", legend=6)
     fig.supxlabel("test clean accuracy (%)", fontsize=9)
     fig.supylabel(robust_label(spec), fontsize=9)
     absent = [c.key for c in spec.cells() if c.key not in fronts]
@@ -253,6 +240,17 @@ def plot_cell_fronts(
     fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
     _partial_note(fig, sum(f.partial for f in fronts.values()), "trials")
     return _save(fig, path)
+
+
+def _spare_panels(axes: Any, used: int, empty: str, *, legend: int) -> None:
+    """Panels past the `used` ones off; the legend on the first, or `empty` said there."""
+    for ax in axes[used:]:
+        ax.set_axis_off()
+    if used:
+        axes[0].legend(fontsize=legend, loc="lower left")
+        return
+    axes[0].set_axis_on()
+    axes[0].text(0.5, 0.5, empty, ha="center", va="center", transform=axes[0].transAxes)
 
 
 def safe_name(cell: str) -> str:
@@ -327,20 +325,7 @@ def plot_importances(
         name = notes.method(method) if notes else method
         ax.set_title(f"{name} ({span} cells)", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
-    for ax in axes[len(methods) :]:
-        ax.set_axis_off()
-    if methods:
-        axes[0].legend(fontsize=7, loc="lower right")
-    else:
-        axes[0].set_axis_on()
-        axes[0].text(
-            0.5,
-            0.5,
-            "no cell with enough completed trials",
-            ha="center",
-            va="center",
-            transform=axes[0].transAxes,
-        )
+    _spare_panels(axes, len(methods), "no cell with enough completed trials", legend=7)
     fig.supxlabel("fANOVA importance (share of the objective's variance)", fontsize=9)
     fig.suptitle(
         f"{spec.name}: hyperparameter importances, mean over each method's cells", fontsize=10
