@@ -5,7 +5,9 @@ would let a strong cell starve the others of trials. `CellSearcher` hands out su
 round-robin over cells that still lack trials, asks each cell's own study (ask/tell, all studies
 in one Optuna storage), and returns FINISHED when every cell has its budget. `CellASHA` applies
 successive halving within a cell only: comparing an ARD trial with a KD trial would stop whole
-cells, and the table must be filled.
+cells, and the table must be filled. Each study's sampler (sized to the cell's budget, paired
+across the teacher axis) is samplers.py's; a cell past its random phase is offered its sibling
+cells' bests (warm start, `_offer_sibling_best`).
 
 Only public Optuna APIs: a trial is addressed by its number in the cell's study, and the
 storage's own (public, BaseStorage) methods map it to the storage's trial id.
