@@ -82,7 +82,7 @@ def describe(spec: SweepSpec) -> str:
         if kind == "tpe":
             parts.append("constant liar " + ("on" if concurrent(spec) else "off"))
     parts.append("paired draws across teacher losses" if spec.optuna.paired else "unpaired")
-    if spec.optuna.warm_start:
+    if spec.optuna.warm_start and min(startup(spec), n) < n:  # offered after the random phase
         parts.append("warm start from sibling cells")
     return "tuning: " + ", ".join(parts)
 
