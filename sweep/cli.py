@@ -36,7 +36,7 @@ def _load(path: str, name: str | None = None) -> Any:
 def plan(spec: Any) -> str:
     """What `sweep validate` prints: cells, trials, epochs, spaces."""
     from .protocol import protocol_lines
-    from .samplers import budget_warnings
+    from .samplers import budget_notes, budget_warnings
     from .samplers import describe as describe_tuning
     from .selection import rule
     from .space import describe
@@ -90,6 +90,7 @@ def plan(spec: Any) -> str:
     if shown:
         lines.append(f"first trial of each cell, the paper's setting: {shown}")
     lines += [f"warning: {w}" for w in budget_warnings(spec)]
+    lines += [f"note: {n}" for n in budget_notes(spec)]
     if spec.refit:
         lines.append(
             "refit: each cell's best configuration is retrained on train + validation for its "

@@ -38,8 +38,6 @@ from .training import OptimSpec
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
 TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
-# What `optuna.sampler: auto` is (samplers.py makes it; bench/tuning_quality.py measured it).
-AUTO_SAMPLER = "tpe"
 # Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
 TUNABLE_METRICS = {
     "val/clean_acc": "max",
@@ -321,7 +319,9 @@ class OptunaSpec(StrictModel):
     trials, so the sampler models after a third of them, not after Optuna's default 10."""
 
     sampler: Literal["auto", "tpe", "gp", "random", "nsga2"] = Field(
-        "auto", description="auto = " + AUTO_SAMPLER + " (see README, Tuning)"
+        "auto",
+        description="auto = gp with one objective and 16 or more trials a cell, else tpe "
+        "(samplers.sampler_kind: where bench/tuning_quality.py measured each winning)",
     )
     n_startup_trials: int | None = Field(
         None,

@@ -46,9 +46,12 @@ def test_default_sampler_models_after_a_third_of_the_budget_and_lies_about_runni
     assert _inner(small).startup == 1  # at least one, never the whole budget of 2
 
 
-def test_several_objectives_get_multi_objective_tpe_not_nsga2(tmp_path):
-    spec = _spec(tmp_path, objective=TWO, budget={"epochs": 2, "early_stopping": False})
-    assert isinstance(_inner(spec).inner, optuna.samplers.TPESampler)
+def test_auto_is_gp_from_16_trials_a_cell_and_several_objectives_get_tpe_not_nsga2(tmp_path):
+    sixteen = {"trials_per_cell": 16, "epochs": 2, "early_stopping": False}
+    assert isinstance(_inner(_spec(tmp_path, budget=sixteen)).inner, optuna.samplers.GPSampler)
+    for budget in ({"epochs": 2, "early_stopping": False}, sixteen):
+        spec = _spec(tmp_path, objective=TWO, budget=budget)
+        assert isinstance(_inner(spec).inner, optuna.samplers.TPESampler)
     gp = _spec(tmp_path, optuna={"sampler": "gp"})
     assert isinstance(_inner(gp).inner, optuna.samplers.GPSampler)
     rnd = _spec(tmp_path, optuna={"sampler": "random"})
