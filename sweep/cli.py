@@ -49,7 +49,12 @@ def plan(spec: Any) -> str:
         f"sweep {spec.name}: dataset {spec.dataset.name}, student {spec.student.arch}, "
         f"teacher {spec.teacher.arch} ({spec.teacher.epochs} epochs), eps {spec.threat.eps:.4g}",
         f"{len(cells)} cells x {spec.budget.trials_per_cell} trials{repeats} = {total} trials, "
-        f"up to {spec.budget.epochs} epochs each (ASHA grace {spec.budget.grace_period})",
+        f"up to {spec.budget.epochs} epochs each "
+        + (
+            f"(ASHA grace {spec.budget.grace_period})"
+            if spec.budget.early_stopping
+            else "(no early stopping)"
+        ),
         "objective: " + rule(spec).describe(),
         describe_tuning(spec),
         "test suite: clean, " + ", ".join(a.key for a in spec.evaluation.attacks),
