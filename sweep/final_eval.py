@@ -29,7 +29,7 @@ def best_runs(tracker: Tracker, spec: SweepSpec, top: int) -> dict[str, list[Any
     """Per cell, the finished runs of its `top` best configurations by the sweep's one rule
     (selection.py): each configuration's refit on train + validation if it has one, then its
     tuned trial (the run the report names as a cell's best), then its seed repeats."""
-    obj = selection.objective(spec)
+    obj = selection.rule(spec)
     by_cell: dict[str, list[Any]] = {}
     for r in tracker.sweep_runs(spec.name, "student", status="FINISHED"):
         by_cell.setdefault(r.data.tags.get("cell", ""), []).append(r)

@@ -41,7 +41,7 @@ def _exists(sqlite_url: str) -> bool:
 def sweep_progress(spec: SweepSpec, layout: SweepLayout, tracker: Tracker) -> tuple[int, int]:
     """(trials ended, trials planned)."""
     studies = cell_trials(spec, layout)
-    obj = selection.objective(spec)
+    obj = selection.rule(spec)
     ended = sum(t.state.is_finished() for trials in studies.values() for t in trials)
     planned = spec.tuning_trials()
     if spec.repeats:

@@ -2,7 +2,7 @@
 
 Why this is not Optuna's defaults: a cell has a handful of trials (3 to 8 in the shipped
 files), and TPE's default `n_startup_trials=10` would leave every one of them a random draw.
-Here the sampler models after `spec.startup_trials()` trials (a third of the budget), TPE counts
+Here the sampler models after `startup(spec)` trials (a third of the budget), TPE counts
 running trials as bad (`constant_liar`) when trials of a cell may run together, and several
 objectives get multi-objective TPE (or GP) instead of NSGA-II, whose population of 50 a cell
 never fills.
@@ -27,9 +27,6 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from .spec import Cell, SweepSpec
-
-NO_MODEL = 1 << 30  # random search: every trial is in the random phase
-
 
 # bench/tuning_quality.py (README, Tuning), regret relative to random search, median of 40
 # (seed, cell) pairs: at 16 trials a cell GP 0.31x, TPE 0.62x; at 8 trials neither beats random
@@ -56,8 +53,14 @@ def concurrent(spec: SweepSpec) -> bool:
 
 
 def startup(spec: SweepSpec) -> int:
-    """Trials of a cell in the random phase (paired draws)."""
-    return NO_MODEL if sampler_kind(spec) == "random" else spec.startup_trials()
+    """Trials of a cell in the random phase (paired draws) before its sampler models:
+    `optuna.n_startup_trials`, null = a third of the cell's trials (at least 1); every trial
+    with random search. At most the cell's trials."""
+    n = spec.budget.trials_per_cell
+    if sampler_kind(spec) == "random":
+        return n
+    s = spec.optuna.n_startup_trials
+    return min(n, max(1, n // 3) if s is None else s)
 
 
 def draw_key(spec: SweepSpec, cell: Cell) -> str:
@@ -71,9 +74,10 @@ def budget_warnings(spec: SweepSpec) -> list[str]:
     kind, n = sampler_kind(spec), spec.budget.trials_per_cell
     if kind == "random":
         return []
-    if spec.startup_trials() >= n:
+    if startup(spec) >= n:
+        asked = spec.optuna.n_startup_trials
         return [
-            f"optuna: {kind} models after {spec.startup_trials()} trials but a cell has "
+            f"optuna: {kind} models after {n if asked is None else asked} trials but a cell has "
             f"{n} (budget.trials_per_cell): every trial is a random draw; lower "
             "optuna.n_startup_trials or raise the budget"
         ]
@@ -83,7 +87,7 @@ def budget_warnings(spec: SweepSpec) -> list[str]:
 def budget_notes(spec: SweepSpec) -> list[str]:
     """What the bench says about a budget this small (`sweep validate` prints it)."""
     kind, n = sampler_kind(spec), spec.budget.trials_per_cell
-    if kind in ("random", "nsga2") or n >= GP_FROM_TRIALS or spec.startup_trials() >= n:
+    if kind in ("random", "nsga2") or n >= GP_FROM_TRIALS or startup(spec) >= n:
         return []
     return [
         f"{n} trials a cell: in bench/tuning_quality.py no sampler beat random search below "
@@ -100,12 +104,12 @@ def describe(spec: SweepSpec) -> str:
     if kind == "random":
         parts.append(f"{n} random draws a cell")
     else:
-        s = min(spec.startup_trials(), n)
+        s = startup(spec)
         parts.append(f"{s} random then {n - s} modelled trials a cell")
         if kind == "tpe":
             parts.append("constant liar " + ("on" if concurrent(spec) else "off"))
     parts.append("paired draws across teacher losses" if spec.optuna.paired else "unpaired")
-    if spec.optuna.warm_start and min(startup(spec), n) < n:  # offered after the random phase
+    if spec.optuna.warm_start and startup(spec) < n:  # offered after the random phase
         parts.append("warm start from sibling cells")
     return "tuning: " + ", ".join(parts)
 

@@ -55,11 +55,6 @@ def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
     raise TypeError(f"not a search-space range: {p!r}")
 
 
-def dists_searched(spec: SweepSpec, cell: Cell) -> bool:
-    """Whether the cell's method has anything to tune."""
-    return any(is_searched(v) for v in spec.cell_space(cell.method).values())
-
-
 class CellSearcher(Searcher):
     """One Optuna study per grid cell behind Tune's Searcher interface."""
 
@@ -182,10 +177,10 @@ class CellSearcher(Searcher):
         the cell has not run, one at a time and each sibling best once, for at most half of
         the cell's modelled trials. The enqueued trial records where it came from (user attr
         `warm_start_from`), which also keeps a resumed sweep from offering it again."""
-        if not self.spec.optuna.warm_start or not dists_searched(self.spec, cell):
+        if not self.spec.optuna.warm_start:
             return
         budget = self.spec.budget.trials_per_cell
-        first = min(startup(self.spec), budget)
+        first = startup(self.spec)
         if len(self.handed[cell.key]) < first:
             return
         study = self.study(cell.key)

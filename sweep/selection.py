@@ -94,13 +94,10 @@ class Rule:
 
 
 def rule(spec: SweepSpec) -> Rule:
-    """The sweep's one rule: its objectives and, with several, its `choose:`."""
-    return Rule(tuple(spec.objectives), spec.choose_rule())
-
-
-def objective(spec: SweepSpec) -> Rule:
-    """The rule selection ranks by (the name kept for its callers)."""
-    return rule(spec)
+    """The sweep's one rule: its objectives and, with several, its `choose:` (knee unless the
+    file says otherwise)."""
+    several = len(spec.objectives) > 1
+    return Rule(tuple(spec.objectives), (spec.choose or ChooseSpec()) if several else None)
 
 
 def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

@@ -648,17 +648,6 @@ class SweepSpec(StrictModel):
                 notes.append(f"{method}: paper's {k}={v} is outside the range {describe(space[k])}")
         return params, notes
 
-    def startup_trials(self) -> int:
-        """Trials of a cell drawn at random before its sampler models (`optuna`)."""
-        n = self.optuna.n_startup_trials
-        return max(1, self.budget.trials_per_cell // 3) if n is None else n
-
-    def choose_rule(self) -> ChooseSpec | None:
-        """The rule that picks from a cell's Pareto front; None with one objective."""
-        if len(self.objectives) < 2:
-            return None
-        return self.choose or ChooseSpec()
-
     def teacher_seed(self) -> int:
         return self.seed if self.teacher.seed is None else self.teacher.seed
 

@@ -51,7 +51,7 @@ def cell_status(
     is asked only when the sweep has seed repeats; a reader must not create a missing store."""
     studies = cell_trials(spec, layout, create=False)
     S = optuna.trial.TrialState
-    obj = selection.objective(spec)
+    obj = selection.rule(spec)
     repeats: dict[str, list[Any]] = {}
     if spec.repeats and tracker is not None:
         t = tracker() if callable(tracker) else tracker
@@ -91,7 +91,7 @@ def status_table(
 ) -> str:
     """The best-per-cell table `sweep status` prints. `mlflow`: its last line (where the runs
     are), or none when None."""
-    obj = selection.objective(spec)
+    obj = selection.rule(spec)
     rep_col = f" {'repeats':>8}" if spec.repeats else ""
     lines = [
         f"sweep {spec.name}: objective {obj.describe()}",

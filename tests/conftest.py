@@ -62,6 +62,13 @@ def sweep_cli(
     )
 
 
+def sweep_ok(cwd, *args: str, **kw: Any) -> str:
+    """`sweep ARGS` (sweep_cli) that must succeed; its stdout."""
+    out = sweep_cli(cwd, *args, **kw)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
 def start_sweep_cli(
     cwd, *args: str, log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen:

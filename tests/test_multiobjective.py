@@ -14,18 +14,13 @@ import re
 import optuna
 import pytest
 import yaml
-from conftest import sweep_cli, tiny_spec_dict
+from conftest import sweep_ok, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
 
 CELLS = ("ce.kd.none", "mse.kd.none")
 TRIALS, REPEATS = 4, 3
-
-
-def _ok(out):
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +50,9 @@ def swept(tmp_path_factory):
         resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
     )
     (tmp / "mo.yaml").write_text(yaml.safe_dump(spec))
-    run = _ok(sweep_cli(tmp, "run", "mo.yaml"))
-    report = _ok(sweep_cli(tmp, "report", "mo"))
-    ev = _ok(sweep_cli(tmp, "evaluate", "mo", "--top", "1", "--attacks", "fgsm"))
+    run = sweep_ok(tmp, "run", "mo.yaml")
+    report = sweep_ok(tmp, "report", "mo")
+    ev = sweep_ok(tmp, "evaluate", "mo", "--top", "1", "--attacks", "fgsm")
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mo")
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'student'", max_results=100)

@@ -10,18 +10,12 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import sweep_cli, tiny_spec_dict
+from conftest import sweep_ok, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
 
 REPEATS = 2
-
-
-def _cli(cwd, *args):
-    out = sweep_cli(cwd, *args)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def repeated(tmp_path_factory):
         },
     )
     (tmp / "rep2.yaml").write_text(yaml.safe_dump(spec))
-    run = _cli(tmp, "run", "rep2.yaml")
+    run = sweep_ok(tmp, "run", "rep2.yaml")
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rep2")
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'student'", max_results=100)
@@ -87,7 +81,7 @@ def test_each_cells_best_configuration_is_rerun_with_new_seeds(repeated):
 
 def test_report_and_status_count_the_repeats_as_one_configuration(repeated):
     tmp, _, runs, _ = repeated
-    out = _cli(tmp, "report", "rep2")
+    out = sweep_ok(tmp, "report", "rep2")
     assert "nothing missing" in out
     report = tmp / "sweeps" / "rep2" / "report"
     df = pd.read_parquet(report / "trials.parquet")
@@ -103,7 +97,7 @@ def test_report_and_status_count_the_repeats_as_one_configuration(repeated):
         line = next(x for x in summary.splitlines() if x.startswith(f"| {cell} |"))
         assert f"| {1 + REPEATS} |" in line  # n: the tuned run and its repeats
         assert f"| {100 * mean:.2f} ± " in line  # their mean (and spread)
-    status = _cli(tmp, "status", "rep2")
+    status = sweep_ok(tmp, "status", "rep2")
     rows = [x for x in status.splitlines() if x.startswith(("ce.kd.pgd", "none.ce.pgd"))]
     assert len(rows) == 2 and all(f"{REPEATS}/{REPEATS}" in x.split() for x in rows)
 
@@ -140,14 +134,14 @@ def test_the_report_shows_each_refit_and_evaluate_tests_it_with_its_configuratio
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rep2")
     refits = client.search_runs([exp.experiment_id], "tags.kind = 'refit'", max_results=100)
-    _cli(tmp, "report", "rep2")
+    sweep_ok(tmp, "report", "rep2")
     summary = (tmp / "sweeps" / "rep2" / "report" / "summary.md").read_text()
     section = summary.split("## Refit on train + validation", 1)[1].split("\n## ", 1)[0]
     for r in refits:
         line = next(x for x in section.splitlines() if x.startswith(f"| {r.data.tags['cell']} |"))
         assert f"`{r.info.run_name}`" in line
         assert f"| {100 * r.data.metrics['test/clean_acc']:.2f} |" in line
-    out = _cli(tmp, "evaluate", "rep2", "--top", "1", "--attacks", "fgsm", "--examples", "50")
+    out = sweep_ok(tmp, "evaluate", "rep2", "--top", "1", "--attacks", "fgsm", "--examples", "50")
     for r in refits:  # the refit first, then the tuned run and its repeats
         assert f"{r.data.tags['cell']} {r.info.run_id[:8]}" in out
         again = client.get_run(r.info.run_id)

@@ -67,7 +67,7 @@ def _teacher_run(label: str, loss: str) -> SimpleNamespace:
 def _best(cell: str) -> Best:
     m = ["test/clean_acc"]
     return Best(
-        cell, "c", f"{cell}#0", "id", 0.5, 1, "-", dict.fromkeys(m, 0.8), dict.fromkeys(m, nan)
+        cell, "c", f"{cell}#0", "id", (0.5,), 1, "-", dict.fromkeys(m, 0.8), dict.fromkeys(m, nan)
     )
 
 

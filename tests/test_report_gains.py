@@ -149,7 +149,7 @@ def _best(df: pd.DataFrame) -> dict[str, Best]:
     for cell in (CE, MSE):
         if ((df["cell"] == cell) & (df["status"] == "FINISHED")).any():
             none = dict.fromkeys(METRICS, math.nan)  # the best table's numbers: not tested here
-            out[cell] = Best(cell, f"{cell}/1", f"{cell}#1", "id", 0.9, 4, "-", none, none)
+            out[cell] = Best(cell, f"{cell}/1", f"{cell}#1", "id", (0.9,), 4, "-", none, none)
     return out
 
 

@@ -236,7 +236,7 @@ def table():
 
 def _best(cell, run, mean):
     std = dict.fromkeys(mean, math.nan)
-    return Best(cell, run, f"{cell}#{run}", run, 0.5, 1, "-", mean, std)
+    return Best(cell, run, f"{cell}#{run}", run, (0.5,), 1, "-", mean, std)
 
 
 def test_cell_fronts_plot_the_full_budget_tuned_trials_and_the_best(spec, table, tmp_path):

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from ..space import is_searched
 from ..spec import Cell, SweepSpec
 from .footnotes import NO_TEACHER, Footnotes
+from .plots import _save
 from .stats import MIN_PAIRS, Interval, paired_bootstrap
 from .table import Best, reported_metrics
 
@@ -282,8 +283,6 @@ def plot_gains(
     on a diverging map centred at 0 (symmetric per metric), annotated with the mean, `*` where
     the 95% CI excludes 0, and the basis and pairs (`s3`: seeds, 3 pairs; `t8`: trials).
     With `notes`, names carry the tables' † marks."""
-    from .plots import _save  # here, so that plots.py may import markdown.py (imports us)
-
     metrics = list(metrics) if metrics is not None else _ordered(gains["metric"])
     attacks, methods = _ordered(gains["train_attack"]), _ordered(gains["method"])
     losses = _ordered(gains["teacher_loss"])

@@ -49,11 +49,6 @@ def _names(notes: Footnotes, cell: Any) -> list[str]:
     return [teacher, notes.method(cell.method)]
 
 
-def scores(b: Best) -> tuple[float, ...]:
-    """The validation objectives a best was chosen by (one with one objective)."""
-    return b.scores or (b.score,)
-
-
 def best_section(
     spec: SweepSpec, best: dict[str, Best], metrics: list[str], notes: Footnotes
 ) -> list[str]:
@@ -84,7 +79,7 @@ def best_section(
                 *_names(notes, cell),
                 b.hp,
                 str(b.n),
-                "/".join(f"{v:.4f}" for v in scores(b)),
+                "/".join(f"{v:.4f}" for v in b.scores),
             ]
             + [_pct(b.mean[m], b.std[m]) for m in metrics]
             + [f"`{b.run_name}`"]
@@ -195,8 +190,9 @@ def gain_text(iv: Interval) -> str:
     return f"{iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}] (n={iv.n})"
 
 
-def pareto_metric(spec: SweepSpec) -> str | None:
-    """The robust accuracy the Pareto plot uses: the suite's first attack (none if empty)."""
+def first_robust_metric(spec: SweepSpec) -> str | None:
+    """The robust accuracy the teachers table shows: the suite's first attack (none if empty;
+    the plots use the worst case over the suite, plots.worst_case_robust)."""
     attacks = spec.evaluation.attacks
     return f"test/robust_acc/{attacks[0].key}" if attacks else None
 
@@ -204,7 +200,7 @@ def pareto_metric(spec: SweepSpec) -> str | None:
 def teachers_section(spec: SweepSpec, teachers: list[Any], notes: Footnotes) -> list[str]:
     if not teachers:
         return []
-    robust = pareto_metric(spec) or "test/robust_acc"
+    robust = first_robust_metric(spec) or "test/robust_acc"
     rows = []
     for t in sorted(teachers, key=lambda t: t.data.tags.get("teacher_label", "")):
         m = t.data.metrics

@@ -142,12 +142,16 @@ class Best:
     config: str
     run_name: str
     run_id: str
-    score: float  # the validation objective it was chosen by (the first, if several)
+    scores: tuple[float, ...]  # the validation objectives it was chosen by, in the file's order
     n: int
     hp: str
     mean: dict[str, float]
     std: dict[str, float]
-    scores: tuple[float, ...] = ()  # every objective's value, in the sweep's order
+
+    @property
+    def score(self) -> float:
+        """The first objective's value (the only one with one objective)."""
+        return self.scores[0]
 
 
 def reported_metrics(spec: SweepSpec, df: pd.DataFrame) -> list[str]:
@@ -207,7 +211,6 @@ def best_configs(spec: SweepSpec, df: pd.DataFrame) -> dict[str, Best]:
             config=best.config,
             run_name=str(first["run_name"]),
             run_id=str(first["run_id"]),
-            score=best.score,
             scores=best.scores,
             n=len(group),
             hp=_hp_text(spec, first),
