@@ -9,6 +9,7 @@ pixel scale.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_write, locked
 from .registry import Registry
 
 
@@ -75,17 +77,69 @@ def _load_digits(data_dir: Path, download: bool) -> tuple[torch.Tensor, ...]:
     return (x, y)
 
 
-def _torchvision_loader(cls_name: str, split_kw: str) -> Callable[[Path, bool], tuple]:
-    """Loader for a torchvision dataset, cached as uint8 tensors in `data_dir` after first use."""
+SPLITS = ("x_train", "y_train", "x_test", "y_test")
+CHECKSUM = "sha256"  # beside the tensors in a cache file: what they hashed to when written
 
-    def load(data_dir: Path, download: bool) -> tuple[torch.Tensor, ...]:
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy())  # zero-copy: a CPU tensor's buffer
+    return h.hexdigest()
+
+
+def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The cached tensors, or None and why not ("" when there is no file)."""
+    if not path.exists():
+        return None, ""
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or garbled: the zip reader or the unpickler says how
+        return None, f"unreadable ({type(e).__name__}: {str(e)[:200]})"
+    if not isinstance(t, dict) or any(not isinstance(t.get(k), torch.Tensor) for k in SPLITS):
+        return None, f"not a dataset cache (expected tensors {', '.join(SPLITS)})"
+    tensors = {k: t[k] for k in SPLITS}
+    if CHECKSUM in t and t[CHECKSUM] != _digest(tensors):  # caches of older versions have none
+        return None, "checksum mismatch (its contents changed after it was written)"
+    return tensors, ""
+
+
+def cached_tensors(
+    path: Path, build: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The tensors cached at `path`, built (by `build`) and cached when missing or damaged.
+
+    Why a lock and an atomic write: trials starting together on one machine (or sharing
+    data_dir) would each build and write the same file in place, and a kill in the middle of
+    that write left a truncated file that failed every later trial. Now one process builds while
+    the others wait and then read its file, which appears whole or not at all; a damaged file
+    (truncated, garbled, checksum mismatch) is rebuilt with a warning. A valid cache is read
+    without the lock, so a read-only data_dir with a cache in it works."""
+    tensors, _ = _read_cache(path)
+    if tensors is not None:
+        return tensors
+    with locked(path.with_name(path.name + ".lock")):
+        tensors, problem = _read_cache(path)  # another process may have built it meanwhile
+        if tensors is not None:
+            return tensors
+        if problem:
+            print(f"warning: dataset cache {path} is damaged: {problem}; rebuilding it", flush=True)
+        print(f"building the dataset cache {path}", flush=True)
+        tensors = build()
+        digest = _digest(tensors)
+        atomic_write(path, lambda f: torch.save({**tensors, CHECKSUM: digest}, f))
+    return tensors
+
+
+def _torchvision_loader(cls_name: str, split_kw: str) -> Callable[[Path, bool], tuple]:
+    """Loader for a torchvision dataset, cached as uint8 tensors in `data_dir` after first use
+    (`cached_tensors`)."""
+
+    def build(data_dir: Path, download: bool) -> dict[str, torch.Tensor]:
         import torchvision
 
-        data_dir = Path(data_dir).expanduser()
-        cache = data_dir / f"kdsweep-{cls_name.lower()}.pt"
-        if cache.exists():
-            t = torch.load(cache, weights_only=True)
-            return tuple(t[k] for k in ("x_train", "y_train", "x_test", "y_test"))
         cls = getattr(torchvision.datasets, cls_name)
         out = {}
         for part in ("train", "test"):
@@ -107,9 +161,13 @@ def _torchvision_loader(cls_name: str, split_kw: str) -> Callable[[Path, bool], 
                 labels = ds.labels
             out[f"x_{part}"] = torch.from_numpy(np.ascontiguousarray(data)).to(torch.uint8)
             out[f"y_{part}"] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(out, cache)
-        return tuple(out[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        return out
+
+    def load(data_dir: Path, download: bool) -> tuple[torch.Tensor, ...]:
+        data_dir = Path(data_dir).expanduser()
+        cache = data_dir / f"kdsweep-{cls_name.lower()}.pt"
+        out = cached_tensors(cache, lambda: build(data_dir, download))
+        return tuple(out[k] for k in SPLITS)
 
     return load
 

@@ -7,26 +7,13 @@ temporary name, then move), and a URI works where a path does.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
+from .files import atomic_write, temp_name
+from .files import locked as locked  # the teacher cache locks through its store
 
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
 
@@ -77,13 +64,25 @@ class Store:
             return f.read()
 
     def write(self, data: bytes, *parts: str) -> None:
-        """Write then move: readers see the old file or the new one, never half of one."""
+        """Write then move: readers see the old file or the new one, never half of one. Local
+        files are also fsynced (files.atomic_write); an object store's upload is whole or not
+        at all already, its temporary object is removed if the write fails."""
         p = self.path(*parts)
+        if not self.remote:
+            atomic_write(p, data)
+            return
         self.fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{p}.tmp{os.getpid()}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, p)
+        tmp = str(temp_name(Path(p)))
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, p)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass  # never written
+            raise
 
     def lock_path(self, name: str) -> Path:
         """Local stores lock beside the files; remote ones on this machine only (see README)."""
