@@ -12,6 +12,11 @@ that configuration, see `repeats:`, under `<sweep>/trials/<cell>/<number>/repeat
   the run id and that epoch's metrics, replaced atomically every epoch;
 - `outcome.json`: how the trial ended when it will not train again: `failed` (with a reason;
   `diverged` is never retried) or `stopped` (by ASHA; tested at the end of the sweep).
+
+Every write is atomic and fsynced (store.py). A file found damaged anyway (a disk fault, a copy
+cut short) never ends in a traceback: a damaged `run.json` or `outcome.json` is ignored with a
+warning naming it; a damaged `state.pt` raises `DamagedFile` naming it, and the trial restarts
+from scratch in the same MLflow run (trial.py).
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from typing import Any
 
 import torch
 
+from .files import DamagedFile
 from .store import Store
 
 STOPPED = "stopped"
 FAILED = "failed"
+STATE_KEYS = frozenset({"model", "epoch", "mlflow_run_id"})  # what every state.pt holds
 
 
 class TrialCheckpoints:
@@ -34,18 +41,51 @@ class TrialCheckpoints:
     def __init__(self, root: str) -> None:
         self.store = Store(root)
 
+    def _json(self, key: str, name: str, field: str, lost: str) -> dict[str, Any] | None:
+        """A small JSON file with `field`, or None if missing or damaged (then a warning naming
+        it and saying what is `lost`)."""
+        raw = self.store.read(key, name)
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+            if isinstance(value, dict) and isinstance(value.get(field), str):
+                return value
+            problem = f"no {field!r}"
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            problem = str(e)
+        print(
+            f"warning: {self.store.location(key, name)} is damaged ({problem}): {lost}",
+            flush=True,
+        )
+        return None
+
     def run_id(self, key: str) -> str | None:
-        raw = self.store.read(key, "run.json")
-        return json.loads(raw)["mlflow_run_id"] if raw else None
+        got = self._json(
+            key,
+            "run.json",
+            "mlflow_run_id",
+            "its MLflow run id is lost; a restarted trial opens a new run",
+        )
+        return got["mlflow_run_id"] if got else None
 
     def set_run_id(self, key: str, run_id: str) -> None:
         self.store.write(json.dumps({"mlflow_run_id": run_id}).encode(), key, "run.json")
 
     def state(self, key: str) -> dict[str, Any] | None:
+        """The latest epoch's state, None before the first; DamagedFile if it cannot be read."""
         raw = self.store.read(key, "state.pt")
         if raw is None:
             return None
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or garbled: the zip reader or unpickler says how
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+        else:
+            if isinstance(state, dict) and STATE_KEYS <= state.keys():
+                return state
+            problem = f"not a trial checkpoint (expected {', '.join(sorted(STATE_KEYS))})"
+        raise DamagedFile(f"{self.store.location(key, 'state.pt')} is damaged ({problem})")
 
     def save_state(self, key: str, state: dict[str, Any]) -> None:
         buf = io.BytesIO()
@@ -53,8 +93,10 @@ class TrialCheckpoints:
         self.store.write(buf.getvalue(), key, "state.pt")
 
     def outcome(self, key: str) -> dict[str, Any] | None:
-        raw = self.store.read(key, "outcome.json")
-        return json.loads(raw) if raw else None
+        got = self._json(
+            key, "outcome.json", "status", "ignored; the trial counts as not ended yet"
+        )
+        return {"reason": "", **got} if got else None
 
     def set_outcome(self, key: str, status: str, reason: str = "") -> None:
         self.store.write(

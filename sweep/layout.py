@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from .files import DamagedFile
 from .spec import SweepSpec, parse_spec
 from .store import Store, absolute, is_remote, join
 
@@ -108,6 +109,31 @@ def study_name(sweep: str, cell_key: str) -> str:
     return f"{sweep}/{cell_key}"
 
 
+STATE_KEYS = (
+    "mlflow_tracking_uri",
+    "experiment",
+    "parent_run_id",
+    "optuna",
+)  # what its readers use
+
+
+def _state(raw: bytes, where: str) -> dict[str, Any]:
+    """state.json's contents; DamagedFile naming it (and what it must hold) if it is not whole."""
+    try:
+        state = json.loads(raw)
+        missing = [k for k in STATE_KEYS if not isinstance(state.get(k), str)]
+        problem = f"no {', '.join(missing)}" if missing else ""
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        problem = str(e)[:200]
+    if problem:
+        raise DamagedFile(
+            f"{where} is damaged ({problem}): it records where the sweep's MLflow runs and "
+            f"Optuna trials are; restore it from a copy, or write it again as a JSON object "
+            f"with {', '.join(STATE_KEYS)}"
+        )
+    return state
+
+
 @dataclass(frozen=True)
 class OpenedSweep:
     """A started sweep: where it is, its state.json (MLflow, Optuna) and its resolved spec."""
@@ -123,9 +149,16 @@ def open_sweep(name: str, storage: str | Path = "./sweeps") -> OpenedSweep:
     raw = store.read("state.json")
     if raw is None:
         raise FileNotFoundError(f"no sweep {name!r} under {absolute(storage)} (give --storage)")
-    state = json.loads(raw)
+    state = _state(raw, store.location("state.json"))
     text = store.read("sweep.yaml") or b""
-    spec = parse_spec(yaml.safe_load(text.decode()), store.location("sweep.yaml"))
+    try:
+        loaded = yaml.safe_load(text.decode())
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DamagedFile(
+            f"{store.location('sweep.yaml')} is damaged ({str(e)[:200]}): it is the sweep's "
+            "resolved file; restore it from a copy, or from a run's sweep.yaml artifact in MLflow"
+        ) from None
+    spec = parse_spec(loaded, store.location("sweep.yaml"))
     layout = SweepLayout.of(spec)
     # the folder it was found in wins over the file's storage.path (moved, or a relative path
     # resolved from another directory); Optuna is where the sweep recorded it

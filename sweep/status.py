@@ -112,9 +112,22 @@ def status_table(
     return "\n".join(lines)
 
 
+def require_optuna_file(layout: SweepLayout) -> None:
+    """A sweep's SQLite Optuna file must be there: opening its URL would create an empty one,
+    and the sweep would read as not started. FileNotFoundError naming it if it is gone."""
+    url = layout.optuna_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(
+            f"the sweep's Optuna storage {url.removeprefix('sqlite:///')} is gone (state.json "
+            f"names it): it holds every tuning trial's outcome; restore it from a copy, or run "
+            f"the sweep again under a new name (sweep run FILE --name NEW)"
+        )
+
+
 def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
     opened = open_sweep(name, storage)
     spec, state = opened.spec, opened.state
+    require_optuna_file(opened.layout)
 
     def tracker() -> Tracker:
         return Tracker(state["mlflow_tracking_uri"], state["experiment"])

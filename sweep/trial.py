@@ -33,6 +33,7 @@ from .context import (
 from .data import Splits
 from .evaluate import sanity_warnings
 from .fast import maybe_compile
+from .files import DamagedFile
 from .measure import test_metrics, validation_metrics
 from .methods import METHODS
 from .protocol import protocol
@@ -220,7 +221,12 @@ def run_trial(
     outcome = checkpoints.outcome(key)
     if outcome and outcome["status"] == FAILED:
         raise TrialFailed(f"{key} failed before ({outcome['reason']}); not retried")
-    resume = checkpoints.state(key)
+    restarted: dict[str, str] = {}
+    try:
+        resume = checkpoints.state(key)
+    except DamagedFile as e:  # its MLflow run (run.json) continues, from the first epoch
+        print(f"warning: {e}; {key} trains again from its first epoch", flush=True)
+        resume, restarted = None, {"restarted_from_scratch": str(e)[:5000]}
     tracker = ctx.tracker()
     run_before = resume["mlflow_run_id"] if resume else checkpoints.run_id(key)
     if run_before and tracker.status(run_before) == "FINISHED":  # done before the kill
@@ -262,7 +268,12 @@ def run_trial(
         _set_rng_state(resume["rng"])
         method.load_state_dict(resume.get("method", {}))
         start = resume["epoch"]
-    where = {"host": socket.gethostname(), "worker_pid": str(os.getpid()), **(where or {})}
+    where = {
+        "host": socket.gethostname(),
+        "worker_pid": str(os.getpid()),
+        **restarted,
+        **(where or {}),
+    }
     if start:
         where["resumed_from_epoch"] = str(start)
     maybe_compile(student, fast)  # after load_state_dict: the compiled module is the same one
