@@ -91,7 +91,10 @@ def evaluate_finalists(
                 flags=flags,
             )
             step = int(run.data.tags.get("epochs_trained", spec.budget.epochs))
-            tracker.log_metrics(rid, metrics, step=step)
+            # an evaluation killed after logging, before its done tag: what it logged at this
+            # step stays, the rest is logged now, no final/ metric twice (--force: log anew)
+            logged = {} if force else tracker.logged_steps(rid)
+            tracker.log_metrics(rid, metrics, step=step, logged=logged)
             warnings = flags + sanity_warnings(metrics, attacks, eps=spec.threat.eps, prefix=PREFIX)
             tracker.set_tags(
                 rid,
