@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from .attacks import eval_mode
+from .files import atomic_write
 
 AA_LOGGER = "auto-attack"
 NORMS = {"linf": "Linf", "l2": "L2"}
@@ -278,10 +278,7 @@ def _load_state(path: Path, config: dict[str, Any], y: torch.Tensor) -> dict[str
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     """Atomically: an interruption while writing leaves the previous state, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def autoattack_eval(
