@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import MutableMapping
 from typing import TypeVar
 from urllib.parse import unquote
 
@@ -72,6 +73,29 @@ def redact_storage(storage: M) -> M:
     """A copy of a StorageSpec with its URL fields redacted (what is written or pickled)."""
     update = {f: redact(v) for f in URL_FIELDS if (v := getattr(storage, f, None))}
     return storage.model_copy(update=update)  # type: ignore[attr-defined]
+
+
+def redact_spec(spec: M) -> M:
+    """A copy of a SweepSpec with its storage URLs redacted (what is written or pickled)."""
+    return spec.model_copy(update={"storage": redact_storage(spec.storage)})  # type: ignore[attr-defined]
+
+
+def mlflow_client_uri(uri: str, environ: MutableMapping[str, str] | None = None) -> str:
+    """The tracking URI to give MLflow's client: an http(s) URI's `user:password@` moved into
+    the variables MLflow reads its basic-auth credentials from (MLFLOW_TRACKING_USERNAME,
+    MLFLOW_TRACKING_PASSWORD; ones already set win), so nothing MLflow prints (its run links,
+    its request errors) holds the password."""
+    scheme, sep, rest = uri.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (sep and scheme in ("http", "https") and at and "/" not in userinfo):
+        return uri
+    user, _, password = userinfo.partition(":")
+    if not password:  # a user name alone is no secret: left where it is
+        return uri
+    environ = os.environ if environ is None else environ
+    environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(user))
+    environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
+    return f"{scheme}://{host}"
 
 
 def real_url(stored: str, field: str, environ: dict[str, str] | None = None) -> str:

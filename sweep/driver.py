@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .console import DONE, SweepConsole, duration, is_terminal
 from .console import FAILED as TRIAL_FAILED
 from .console import STOPPED as TRIAL_STOPPED
 from .context import SweepContext, get_splits, pick_device
+from .credentials import redact, redact_spec
 from .layout import SweepLayout, open_sweep, write_state
 from .progress import sweep_progress
 from .search import CellASHA, CellSearcher
@@ -70,9 +72,17 @@ class Progress(tune.Callback):
         self._cell: dict[str, str] = {}  # Tune trial id -> its cell
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles the run config, callbacks included, with the experiment; the display
-        # holds this terminal, and a resumed sweep brings its own (resume_sweep)
-        return {**self.__dict__, "console": None}
+        # Tune pickles the run config, callbacks included, with the experiment (tune/tuner.pkl);
+        # the display holds this terminal, and a resumed sweep brings its own (resume_sweep),
+        # so the pickled one holds no storage URL with its password
+        ctx = self.ctx
+        ctx = replace(
+            ctx,
+            spec=redact_spec(ctx.spec),
+            layout=replace(ctx.layout, optuna_url=redact(ctx.layout.optuna_url)),
+            tracking_uri=redact(ctx.tracking_uri),
+        )
+        return {**self.__dict__, "console": None, "ctx": ctx, "spec": ctx.spec}
 
     def _config(self, trial: Any) -> TrialConfig | None:
         return TrialConfig.from_dict(trial.config) if trial.config else None

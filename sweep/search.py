@@ -25,7 +25,7 @@ from ray.tune.search import Searcher
 
 from . import selection
 from .config import TrialConfig
-from .credentials import redact, redact_storage
+from .credentials import redact, redact_spec
 from .layout import SweepLayout
 from .samplers import make_sampler, startup
 from .space import (
@@ -88,7 +88,7 @@ class CellSearcher(Searcher):
         # Tune pickles its searcher into the sweep's folder (tune/tuner.pkl): no password
         # there; the resuming driver sets the URL to connect with (driver.resume_sweep)
         state["optuna_url"] = redact(self.optuna_url)
-        state["spec"] = self.spec.model_copy(update={"storage": redact_storage(self.spec.storage)})
+        state["spec"] = redact_spec(self.spec)
         state["layout"] = replace(self.layout, optuna_url=redact(self.layout.optuna_url))
         return state
 

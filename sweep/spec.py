@@ -19,7 +19,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from .attack_defs import TrainAttackSpec
 from .attacks import ATTACKS
-from .credentials import redact_storage
+from .credentials import redact_spec
 from .data import DATASETS
 from .evaluate import EVAL_ATTACKS, evaluation_attack_names
 from .methods import METHODS
@@ -783,5 +783,4 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
 def dump_spec(spec: SweepSpec) -> str:
     """The fully resolved sweep (every default written out), for MLflow and resume; storage
     URLs without their passwords (credentials.py: resume takes them from the environment)."""
-    spec = spec.model_copy(update={"storage": redact_storage(spec.storage)})
-    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+    return yaml.safe_dump(spec_to_dict(redact_spec(spec)), sort_keys=False)

@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .credentials import redact
+from .credentials import mlflow_client_uri, redact
 
 MAX_PARAM_LEN = 6000
 PAGE = 1000  # runs per search call; `_search` pages through all of them
@@ -77,14 +77,14 @@ class Tracker:
     def __init__(
         self, tracking_uri: str, experiment: str, artifact_root: str | None = None
     ) -> None:
-        self.uri = tracking_uri
+        self.uri = tracking_uri = mlflow_client_uri(tracking_uri)  # no password in messages
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
 
     @classmethod
     def for_run(cls, tracking_uri: str, run_id: str) -> tuple[Tracker, Any]:
         """The tracker of the experiment that holds `run_id`, and the run."""
-        client = MlflowClient(tracking_uri)
+        client = MlflowClient(mlflow_client_uri(tracking_uri))
         run = client.get_run(run_id)
         name = client.get_experiment(run.info.experiment_id).name
         return cls(tracking_uri, name), run

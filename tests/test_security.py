@@ -21,9 +21,8 @@ from packaging.version import Version
 
 from sweep import cli
 from sweep.checkpoints import TrialCheckpoints
-from sweep.credentials import real_url, redact
-from sweep.layout import SweepLayout, open_sweep, report_out, write_state
-from sweep.search import CellASHA, CellSearcher, StateRefused
+from sweep.layout import SweepLayout, open_sweep
+from sweep.search import CellASHA, CellSearcher
 from sweep.spec import SpecError, dump_spec, parse_spec
 from sweep.store import Store
 
@@ -38,6 +37,10 @@ QUERY = f"postgresql://kd@127.0.0.1:1/optuna?password={QSECRET}&sslmode=disable"
 def mlflow_db(tmp_path_factory) -> Path:
     """One SQLite MLflow store for the tests here (creating one takes seconds)."""
     return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+def _masked(url: str) -> str:
+    return url.replace(SECRET, "***").replace(QSECRET, "***")
 
 
 def _leaks(text: str | bytes) -> list[str]:
@@ -70,12 +73,15 @@ def test_the_dumped_sweep_file_holds_no_password_and_still_parses(tmp_path, optu
     text = dump_spec(_spec(tmp_path, optuna))
     assert not _leaks(text), text
     storage = parse_spec(yaml.safe_load(text)).storage
-    assert storage.optuna == redact(optuna) and storage.mlflow_tracking_uri == redact(MLFLOW)
+    assert storage.optuna == _masked(optuna) and storage.mlflow_tracking_uri == _masked(MLFLOW)
 
 
 def test_state_json_holds_no_password_and_resume_takes_it_from_the_environment(
     tmp_path, monkeypatch
 ):
+    from sweep.credentials import real_url, redact
+    from sweep.layout import write_state
+
     spec = _spec(tmp_path)
     store = SweepLayout.of(spec).store()
     store.write(dump_spec(spec).encode(), "sweep.yaml")
@@ -142,7 +148,7 @@ def test_a_pickled_searcher_holds_no_password(tmp_path):
     blob = pickle.dumps(s)
     assert not _leaks(blob)
     again = pickle.loads(blob)
-    assert again.optuna_url == redact(OPTUNA) and s.optuna_url == OPTUNA
+    assert again.optuna_url == _masked(OPTUNA) and s.optuna_url == OPTUNA
 
 
 # --- item 4 -------------------------------------------------------------------------------------
@@ -183,6 +189,8 @@ class _Payload:
 
 
 def test_a_pickle_in_place_of_the_state_is_refused_unloaded(tmp_path):
+    from sweep.search import StateRefused
+
     spec, s = _searcher(tmp_path)
     marker = tmp_path / "ran"
     path = tmp_path / "searcher-state.pkl"
@@ -258,6 +266,8 @@ def test_an_experiment_name_never_becomes_an_artifact_root(tmp_path, mlflow_db):
 
 
 def test_report_out_refuses_a_folder_that_is_not_a_report(tmp_path, capsys):
+    from sweep.layout import report_out
+
     out = tmp_path / "papers"
     out.mkdir()
     (out / "summary.md").parent.joinpath("notes.md").write_text("mine")
