@@ -151,6 +151,29 @@ def test_a_pickled_searcher_holds_no_password(tmp_path):
     assert again.optuna_url == _masked(OPTUNA) and s.optuna_url == OPTUNA
 
 
+def test_the_pickled_progress_callback_holds_no_password(tmp_path):
+    """Tune pickles the run config, callbacks included, into tune/tuner.pkl."""
+    from sweep.context import SweepContext
+    from sweep.driver import Progress
+
+    spec = _spec(tmp_path)
+    layout = SweepLayout.of(spec)
+    progress = Progress(SweepContext(spec, layout, MLFLOW, "e", None), console=None)
+    assert not _leaks(pickle.dumps(progress))
+    assert progress.ctx.tracking_uri == MLFLOW and progress.ctx.layout.optuna_url == OPTUNA
+
+
+def test_mlflow_gets_the_password_from_its_own_variables():
+    """So MLflow's own messages (its `View run ... at: URL` lines, request errors) hold none."""
+    from sweep.credentials import mlflow_client_uri
+
+    env: dict[str, str] = {}
+    assert mlflow_client_uri(MLFLOW, env) == "http://127.0.0.1:1"
+    assert env == {"MLFLOW_TRACKING_USERNAME": "kd", "MLFLOW_TRACKING_PASSWORD": SECRET}
+    assert mlflow_client_uri("http://kd@h:1", env) == "http://kd@h:1"  # a user alone stays
+    assert mlflow_client_uri("sqlite:////a:b@c/m.db", {}) == "sqlite:////a:b@c/m.db"
+
+
 # --- item 4 -------------------------------------------------------------------------------------
 def _searcher(tmp_path):
     spec = parse_spec(tiny_spec_dict(tmp_path))
