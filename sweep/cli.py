@@ -25,11 +25,14 @@ def _fail(msg: str) -> int:
 
 
 def _load(path: str, name: str | None = None) -> Any:
+    from .credentials import inline_password_warnings
     from .spec import load_spec, parse_spec, spec_to_dict
 
     spec = load_spec(path)
     if name:
         spec = parse_spec({**spec_to_dict(spec), "name": name}, path)
+    for line in inline_password_warnings(spec.storage):  # validate and run: said once
+        print(f"{path}: {line}", file=sys.stderr)
     return spec
 
 

@@ -14,6 +14,7 @@ validation for the final numbers.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -60,9 +61,12 @@ class TrialConfig:
 
     @property
     def config_key(self) -> str:
-        """`<cell>/<number>`: the configuration (a tuned trial and its seed repeats share it),
-        with the cell key made safe for any filesystem."""
-        return f"{re.sub(r'[^A-Za-z0-9._=,-]', '_', self.cell)}/{self.number}"
+        """`<cell>-<hash>/<number>`: the configuration (a tuned trial and its seed repeats share
+        it). The cell key made safe for any filesystem, and, since that is not one-to-one
+        (`mcmi(lambda=0.1)`, `mcmi_lambda=0.1_`; `CE`, `ce` on a case-insensitive disk), a
+        short hash of the exact key (checkpoints.py reads a sweep named before it)."""
+        digest = hashlib.sha256(self.cell.encode()).hexdigest()[:8]
+        return f"{re.sub(r'[^A-Za-z0-9._=,-]', '_', self.cell)}-{digest}/{self.number}"
 
     @property
     def key(self) -> str:

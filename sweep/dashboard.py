@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import re
 import signal
 import socket
 import sys
@@ -20,50 +19,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
-from urllib.parse import unquote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from .credentials import redact, scrub
 from .layout import open_sweep
 
 READ_ONLY = ("GET", "HEAD")
-_QUERY_PASSWORD = re.compile(r"(?i)(\bpassword=)([^&]*)")
 
 
 class DashboardError(Exception):
     """A problem `sweep dashboard` reports in one line (never holding a password)."""
 
 
-def redact(url: str) -> str:
-    """`url` with its password (`user:PASSWORD@host`, `?password=...`), if any, as `***`.
-
-    Everything from the first `:` after the user to the last `@` counts as the password, so a
-    password holding an unencoded `@` or `/` is hidden whole (sqlite URLs hold no credentials,
-    and a path may hold an `@`)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.startswith("sqlite"):
-        return url
-    userinfo, at, host = rest.rpartition("@")
-    if at and ":" in userinfo:
-        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    return f"{scheme}://" + _QUERY_PASSWORD.sub(r"\1***", rest)
-
-
-def _passwords(url: str) -> list[str]:
-    """The secrets `redact` hides, as written and percent-decoded."""
-    scheme, _, rest = url.partition("://")
-    found = [m.group(2) for m in _QUERY_PASSWORD.finditer(rest)]
-    userinfo, at, _ = rest.rpartition("@")
-    if at and ":" in userinfo and not scheme.startswith("sqlite"):
-        found.append(userinfo.split(":", 1)[1])
-    return [s for p in found if p for s in {p, unquote(p)}]
-
-
 def _clean(message: str, url: str) -> str:
     """The first line of an error message, the storage's password (should it appear) hidden."""
-    line = (message.strip().splitlines() or [""])[0]
-    for secret in _passwords(url):
-        line = line.replace(secret, "***")
-    return line.replace(url, redact(url))
+    return scrub((message.strip().splitlines() or [""])[0], url)
 
 
 def open_storage(url: str) -> Any:

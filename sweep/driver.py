@@ -8,12 +8,12 @@ trials ASHA stopped, and leaves nothing RUNNING when interrupted.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from .console import DONE, SweepConsole, duration, is_terminal
 from .console import FAILED as TRIAL_FAILED
 from .console import STOPPED as TRIAL_STOPPED
 from .context import SweepContext, get_splits, pick_device
-from .layout import SweepLayout, open_sweep
+from .credentials import redact, redact_spec
+from .layout import SweepLayout, open_sweep, write_state
 from .progress import sweep_progress
 from .search import CellASHA, CellSearcher
 from .spec import SweepSpec, dump_spec
@@ -71,9 +72,17 @@ class Progress(tune.Callback):
         self._cell: dict[str, str] = {}  # Tune trial id -> its cell
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles the run config, callbacks included, with the experiment; the display
-        # holds this terminal, and a resumed sweep brings its own (resume_sweep)
-        return {**self.__dict__, "console": None}
+        # Tune pickles the run config, callbacks included, with the experiment (tune/tuner.pkl);
+        # the display holds this terminal, and a resumed sweep brings its own (resume_sweep),
+        # so the pickled one holds no storage URL with its password
+        ctx = self.ctx
+        ctx = replace(
+            ctx,
+            spec=redact_spec(ctx.spec),
+            layout=replace(ctx.layout, optuna_url=redact(ctx.layout.optuna_url)),
+            tracking_uri=redact(ctx.tracking_uri),
+        )
+        return {**self.__dict__, "console": None, "ctx": ctx, "spec": ctx.spec}
 
     def _config(self, trial: Any) -> TrialConfig | None:
         return TrialConfig.from_dict(trial.config) if trial.config else None
@@ -452,6 +461,14 @@ def _snapshot_often() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
+def sweep_tracker(spec: SweepSpec) -> tuple[str, str, Tracker]:
+    """The new sweep's tracking URI, MLflow experiment and tracker. A SQLite store's artifact
+    root is named after the sweep (a checked name), never the experiment (any string)."""
+    uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
+    experiment = spec.storage.mlflow_experiment or spec.name
+    return uri, experiment, Tracker(uri, experiment, default_artifact_root(uri, spec.name))
+
+
 def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     """Run a whole sweep; True when every trial ended, False when it was interrupted."""
     layout = SweepLayout.of(spec)
@@ -467,9 +484,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     check_resources(spec, embedded)  # before anything is written
     store.write(dump_spec(spec).encode(), "sweep.yaml")
 
-    uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
-    experiment = spec.storage.mlflow_experiment or spec.name
-    tracker = Tracker(uri, experiment, default_artifact_root(uri, experiment))
+    uri, experiment, tracker = sweep_tracker(spec)
     cells = spec.cells()
     total = spec.tuning_trials() + len(cells) * spec.repeats  # repeats: at most one set a cell
     parent = tracker.start_run(
@@ -485,7 +500,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         "parent_run_id": parent,
         "optuna": layout.optuna_url,
     }
-    store.write(json.dumps(state, indent=2).encode(), "state.json")
+    write_state(store, state)  # without passwords
     repeats = f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else ""
     print(
         f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials"
@@ -563,6 +578,8 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
         )
     # the pickled run config holds the first run's Progress, without a display: replace it
     tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, console)]
+    # ... and its searcher holds the Optuna URL without its password (CellSearcher.__getstate__)
+    tuner._local_tuner._tune_config.search_alg.optuna_url = layout.optuna_url
     return _fit(ctx, tuner, embedded, console)
 
 

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .credentials import real_url, redact
 from .files import DamagedFile
-from .spec import SweepSpec, parse_spec
+from .spec import NAME_RE, SpecError, SweepSpec, parse_spec
 from .store import Store, absolute, is_remote, join
 
 CACHE = Path.home() / ".cache" / "kdsweep"
@@ -104,6 +106,30 @@ class SweepLayout:
         return Path(self.sweep) / "report"
 
 
+REPORT_MARK = "summary.md"  # every report folder holds one (report/__init__.py)
+
+
+def report_out(out: str | Path) -> Path:
+    """A `--out` folder for `sweep report`: new, empty, or a previous report (it holds
+    REPORT_MARK), whose files are replaced. Any other folder is refused (SpecError), so fixed
+    names (summary.md, trials.csv, history/...) never overwrite someone else's files."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SpecError("--out", [("", f"{path} is a file; give a folder")])
+    if path.is_dir() and any(path.iterdir()) and not (path / REPORT_MARK).is_file():
+        raise SpecError(
+            "--out",
+            [
+                (
+                    "",
+                    f"{path} holds files and no {REPORT_MARK}: not a previous report, so it is "
+                    "not written into; give a new or empty folder, or a report's folder",
+                )
+            ],
+        )
+    return path
+
+
 def study_name(sweep: str, cell_key: str) -> str:
     """The Optuna study of one grid cell of sweep `sweep`."""
     return f"{sweep}/{cell_key}"
@@ -143,13 +169,44 @@ class OpenedSweep:
     spec: SweepSpec
 
 
+def check_name(name: str) -> str:
+    """`name` if it is a sweep name (spec.NAME_RE, the rule of the file's `name:`), else
+    SpecError: a name becomes a folder, so `../x`, `/etc`, `a/b`, NUL... never reach a path."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_RE.strip("^$"), name):
+        raise SpecError(
+            "sweep name",
+            [
+                (
+                    "",
+                    f"{name!r} is not a sweep name; allowed: a letter or digit, then letters, "
+                    "digits, '_', '.', '-' (no path separators)",
+                )
+            ],
+        )
+    return name
+
+
+STATE_URLS = {"optuna": "optuna", "mlflow_tracking_uri": "mlflow_tracking_uri"}  # key: field
+
+
+def write_state(store: Store, state: dict[str, Any]) -> None:
+    """A sweep's state.json, its URLs without passwords (open_sweep gets them back)."""
+    saved = {k: redact(v) if k in STATE_URLS else v for k, v in state.items()}
+    store.write(json.dumps(saved, indent=2).encode(), "state.json")
+
+
 def open_sweep(name: str, storage: str | Path = "./sweeps") -> OpenedSweep:
-    """The sweep `name` under `storage`; FileNotFoundError if there is none."""
-    store = Store(join(storage, name))
+    """The sweep `name` under `storage`; FileNotFoundError if there is none.
+
+    The stored URLs have no passwords (credentials.py); the state returned holds the ones to
+    connect with (from the environment again)."""
+    store = Store(join(storage, check_name(name)))
     raw = store.read("state.json")
     if raw is None:
         raise FileNotFoundError(f"no sweep {name!r} under {absolute(storage)} (give --storage)")
     state = _state(raw, store.location("state.json"))
+    for key, field in STATE_URLS.items():
+        state[key] = real_url(state[key], field)
     text = store.read("sweep.yaml") or b""
     try:
         loaded = yaml.safe_load(text.decode())

@@ -15,7 +15,7 @@ storage's own (public, BaseStorage) methods map it to the storage's trial id.
 
 from __future__ import annotations
 
-import pickle
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +25,7 @@ from ray.tune.search import Searcher
 
 from . import selection
 from .config import TrialConfig
+from .credentials import redact, redact_spec
 from .layout import SweepLayout
 from .samplers import make_sampler, startup
 from .space import (
@@ -38,6 +39,7 @@ from .space import (
 from .spec import Cell, SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+STATE_VERSION = 1  # of the JSON searcher and scheduler state (save/restore)
 ASHA_SCORE = "asha/score"  # several objectives: the weighted sum CellASHA ranks trials by
 
 
@@ -83,6 +85,11 @@ class CellSearcher(Searcher):
         state["_studies"] = {}
         state["_storage"] = None
         state["_trial_ids"] = {}
+        # Tune pickles its searcher into the sweep's folder (tune/tuner.pkl): no password
+        # there; the resuming driver sets the URL to connect with (driver.resume_sweep)
+        state["optuna_url"] = redact(self.optuna_url)
+        state["spec"] = redact_spec(self.spec)
+        state["layout"] = replace(self.layout, optuna_url=redact(self.layout.optuna_url))
         return state
 
     def set_search_properties(
@@ -310,12 +317,28 @@ class CellSearcher(Searcher):
         study.tell(number, values, skip_if_finished=True)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__getstate__(), f)
+        """What the searcher knows beyond Optuna's storage, as JSON data (never a pickle: the
+        driver must not run code from a file others may write; restore refuses one)."""
+        state = {
+            "handed": self.handed,
+            "live": {tid: list(v) for tid, v in self.live.items()},
+            "next_cell": self.next_cell,
+            "orphans": [list(o) for o in self.orphans],
+            "repeats": self.repeats,
+            "no_best": sorted(self.no_best),
+            "ended": {k: sorted(v) for k, v in self.ended.items()},
+        }
+        write_state(checkpoint_path, "searcher", state)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        s = read_state(checkpoint_path, "searcher")
+        self.handed = {k: [int(n) for n in v] for k, v in s["handed"].items()}
+        self.live = {tid: (str(c), int(n)) for tid, (c, n) in s["live"].items()}
+        self.next_cell = int(s["next_cell"])
+        self.orphans = [(str(c), int(n)) for c, n in s["orphans"]]
+        self.repeats = {k: int(v) for k, v in s["repeats"].items()}
+        self.no_best = set(s["no_best"])
+        self.ended = {k: {int(n) for n in v} for k, v in s["ended"].items()}
         self._reconciled = False  # the storage may know trials the snapshot does not
 
 
@@ -387,10 +410,63 @@ class CellASHA(FIFOScheduler):
             found[1].discard(trial.trial_id)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+        """Each cell's ASHA as JSON data: the rewards recorded at each rung of each bracket,
+        which bracket each trial is in, and how many it stopped (the rest follows from the
+        spec, as in __init__)."""
+        cells = {}
+        for cell, asha in self._per_cell.items():
+            brackets = asha._brackets
+            cells[cell] = {
+                "rungs": [
+                    [{tid: float(r) for tid, r in recorded.items()} for _, recorded in b._rungs]
+                    for b in brackets
+                ],
+                "trials": {tid: brackets.index(b) for tid, b in asha._trial_info.items()},
+                "stopped": asha._num_stopped,
+                "added": sorted(self._added.get(cell, ())),
+            }
+        write_state(checkpoint_path, "scheduler", {"cells": cells})
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-        self.__dict__.setdefault("_added", {c: set() for c in self._per_cell})
+        s = read_state(checkpoint_path, "scheduler")
+        self._per_cell, self._added = {}, {}
+        for cell, c in s["cells"].items():
+            asha = AsyncHyperBandScheduler(**self._kw)
+            for b, rungs in zip(asha._brackets, c["rungs"], strict=True):
+                for (_, recorded), saved in zip(b._rungs, rungs, strict=True):
+                    recorded.update({tid: float(r) for tid, r in saved.items()})
+            asha._trial_info = {tid: asha._brackets[int(i)] for tid, i in c["trials"].items()}
+            asha._num_stopped = int(c["stopped"])
+            self._per_cell[cell] = asha
+            self._added[cell] = set(c["added"])
+
+
+class StateRefused(ValueError):
+    """A searcher or scheduler state file that is not kdsweep's JSON (e.g. a pickle)."""
+
+
+def write_state(path: str, kind: str, state: dict[str, Any]) -> None:
+    """`state` as JSON, tagged with its kind (Tune names the file `*.pkl`; it holds JSON)."""
+    with open(path, "w") as f:
+        json.dump({"kdsweep": kind, "version": STATE_VERSION, "state": state}, f)
+
+
+def read_state(path: str, kind: str) -> dict[str, Any]:
+    """The state `write_state` wrote; StateRefused for anything else, which is never run
+    through pickle (a sweep saved by a kdsweep before JSON state cannot be resumed)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if not (isinstance(doc, dict) and doc.get("kdsweep") == kind):
+        raise StateRefused(
+            f"{path}: not kdsweep's JSON {kind} state (a pickle, or another file); refused "
+            "without loading it. A sweep saved by an older kdsweep cannot be resumed"
+        )
+    if doc.get("version") != STATE_VERSION:
+        raise StateRefused(
+            f"{path}: {kind} state version {doc.get('version')!r}, not {STATE_VERSION}"
+        )
+    return doc["state"]

@@ -19,6 +19,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from .attack_defs import TrainAttackSpec
 from .attacks import ATTACKS
+from .credentials import redact_spec
 from .data import DATASETS
 from .evaluate import EVAL_ATTACKS, evaluation_attack_names
 from .methods import METHODS
@@ -780,5 +781,6 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
 
 
 def dump_spec(spec: SweepSpec) -> str:
-    """The fully resolved sweep (every default written out), for MLflow and resume."""
-    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+    """The fully resolved sweep (every default written out), for MLflow and resume; storage
+    URLs without their passwords (credentials.py: resume takes them from the environment)."""
+    return yaml.safe_dump(spec_to_dict(redact_spec(spec)), sort_keys=False)

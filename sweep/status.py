@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 
 from . import selection
+from .credentials import redact
 from .layout import SweepLayout, open_sweep
 from .progress import cell_trials
 from .spec import SweepSpec
@@ -132,5 +133,5 @@ def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
     def tracker() -> Tracker:
         return Tracker(state["mlflow_tracking_uri"], state["experiment"])
 
-    mlflow = f"MLflow: {state['mlflow_tracking_uri']} experiment {state['experiment']}"
+    mlflow = f"MLflow: {redact(state['mlflow_tracking_uri'])} experiment {state['experiment']}"
     return status_table(spec, opened.layout, tracker, mlflow=mlflow)

@@ -25,6 +25,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .credentials import mlflow_client_uri, redact
+
 MAX_PARAM_LEN = 6000
 PAGE = 1000  # runs per search call; `_search` pages through all of them
 
@@ -51,7 +53,7 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{page}"
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/{page}"
+        return f"{redact(uri).rstrip('/')}/{page}"
     return f"http://127.0.0.1:5000/{page}"
 
 
@@ -75,14 +77,14 @@ class Tracker:
     def __init__(
         self, tracking_uri: str, experiment: str, artifact_root: str | None = None
     ) -> None:
-        self.uri = tracking_uri
+        self.uri = tracking_uri = mlflow_client_uri(tracking_uri)  # no password in messages
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
 
     @classmethod
     def for_run(cls, tracking_uri: str, run_id: str) -> tuple[Tracker, Any]:
         """The tracker of the experiment that holds `run_id`, and the run."""
-        client = MlflowClient(tracking_uri)
+        client = MlflowClient(mlflow_client_uri(tracking_uri))
         run = client.get_run(run_id)
         name = client.get_experiment(run.info.experiment_id).name
         return cls(tracking_uri, name), run
@@ -236,7 +238,7 @@ class Tracker:
                 "teacher_loss": label,  # as on student runs; the loss's name: param `loss`
                 "teacher_label": label,
                 "sweep": sweep,
-                "cache_location": record.location,
+                "cache_location": redact(record.location),
                 **tags,
             },
             parent_run_id=parent_run_id,
@@ -286,10 +288,11 @@ class Tracker:
         return dict(self.client.get_run(run_id).data.metrics)
 
 
-def default_artifact_root(tracking_uri: str, experiment: str) -> str | None:
-    """Next to a SQLite database, artifacts go to `mlartifacts/<experiment>` beside it;
-    servers choose their own root."""
+def default_artifact_root(tracking_uri: str, sweep: str) -> str | None:
+    """Next to a SQLite database, artifacts go to `mlartifacts/<sweep>` beside it; servers
+    choose their own root. `sweep` is a sweep's name (layout.check_name's rule), never an
+    experiment name, which may hold `/` or `..` (`/etc/cron.d` would be a root)."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "mlartifacts" / experiment).as_uri()
+        return (db.parent / "mlartifacts" / sweep).as_uri()
     return None

@@ -44,9 +44,14 @@ def _is_kube(path: Path) -> bool:
     return any(isinstance(d, dict) and "apiVersion" in d for d in _docs(path))
 
 
+def _is_ray_doc(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("apiVersion") == "ray.io/v1"
+
+
 YAMLS = sorted(CLUSTER.glob("*.yaml"))
 RAY_UP = [p for p in YAMLS if not _is_kube(p)]
-KUBE = [p for p in YAMLS if _is_kube(p)]
+KUBE = [p for p in YAMLS if any(_is_ray_doc(d) for d in _docs(p))]  # RayCluster, RayJob
+NETWORK = [p for p in YAMLS if _is_kube(p) and p not in KUBE]  # NetworkPolicy objects
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -206,7 +211,7 @@ def test_no_credentials_in_cluster_files(path: Path) -> None:
             continue  # a placeholder in a comment (PGPASSWORD=...) or a variable reference
         assert not SECRET_NAME.search(name), f"{path.name} assigns {name}: use a secret"
     for doc in _docs(path):
-        if isinstance(doc, dict) and "apiVersion" in doc:
+        if _is_ray_doc(doc):
             for group, c in _kube_containers(doc):
                 for e in c.get("env", []):
                     if SECRET_NAME.search(e["name"]):
@@ -344,3 +349,91 @@ def test_kuberay_installs_kdsweep_and_points_at_shared_storage(path: Path) -> No
                 assert str(limits.get("nvidia.com/gpu", "0")) != "0", f"{group}: GPU limit"
         head_env = {e["name"] for _, c in _kube_containers(doc)[:1] for e in c["env"]}
         assert "PGPASSWORD" in head_env, "the driver (on the head) needs the Optuna password"
+
+
+# --- issue 19, item 6: locked-down pods, network policy, pinned code, password on the head ------
+LOCKED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+PINNED = r"(?:[0-9a-f]{40}|COMMIT_SHA)"  # a commit, or the placeholder cluster/README.md explains
+
+
+def _ray_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+@pytest.mark.parametrize("path", KUBE, ids=_ids(KUBE))
+def test_kuberay_containers_run_locked_down(path: Path) -> None:
+    """Every Ray container and the autoscaler sidecar: non-root (with a numeric user, which
+    runAsNonRoot needs for an image whose USER is a name), no privilege escalation, no
+    capabilities, the runtime's seccomp profile."""
+    for doc in _docs(path):
+        checked = [(g, c.get("securityContext") or {}) for g, c in _kube_containers(doc)]
+        checked.append(("autoscaler", _ray_spec(doc)["autoscalerOptions"].get("securityContext")))
+        for group, sc in checked:
+            assert isinstance(sc, dict), f"{path.name} {group}: no securityContext"
+            got = {k: sc.get(k) for k in LOCKED}
+            assert got == LOCKED, f"{path.name} {group}: {got}"
+            assert isinstance(sc.get("runAsUser"), int) and sc["runAsUser"] > 0, group
+
+
+@pytest.mark.parametrize("path", KUBE, ids=_ids(KUBE))
+def test_kuberay_installs_kdsweep_at_a_commit(path: Path) -> None:
+    for doc in _docs(path):
+        for group, c in _kube_containers(doc):
+            env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+            assert re.fullmatch(rf"kdsweep @ git\+https://\S+@{PINNED}", env["KDSWEEP_PIP_SPEC"]), (
+                path.name,
+                group,
+                env["KDSWEEP_PIP_SPEC"],
+            )
+        if doc["kind"] == "RayJob":
+            wd = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["working_dir"]
+            assert re.search(rf"/archive/{PINNED}\.zip$", wd), wd
+    assert "COMMIT_SHA" in (CLUSTER / "README.md").read_text()
+
+
+def _policies() -> list[dict[str, Any]]:
+    return [d for p in NETWORK for d in _docs(p) if d.get("kind") == "NetworkPolicy"]
+
+
+def test_network_policies_keep_the_dashboard_and_mlflow_inside() -> None:
+    """The head (dashboard 8265, GCS, client) and MLflow accept connections only from pods
+    selected by label (this namespace; the operator for the dashboard), never from anywhere."""
+    policies = _policies()
+    assert policies, "cluster/ has no NetworkPolicy"
+    by_target = {}
+    for pol in policies:
+        spec = pol["spec"]
+        assert spec.get("policyTypes") == ["Ingress"], pol["metadata"]
+        target = spec["podSelector"].get("matchLabels", {})
+        assert target, f"{pol['metadata']['name']}: selects every pod"
+        for rule in spec.get("ingress", []):
+            assert rule.get("from"), f"{pol['metadata']['name']}: a rule open to every source"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, peer
+                assert "podSelector" in peer, f"{pol['metadata']['name']}: a whole namespace"
+        by_target[tuple(sorted(target.items()))] = spec
+    head = by_target[(("ray.io/node-type", "head"),)]
+    assert head["ingress"], "the head must be reachable by its own cluster"
+    mlflow = [s for t, s in by_target.items() if ("app", "mlflow") in t]
+    assert mlflow, "no policy for the MLflow server"
+    (rule,) = mlflow[0]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [5000]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]
+
+
+@pytest.mark.parametrize("path", RAY_UP, ids=_ids(RAY_UP))
+def test_ray_up_database_password_reaches_the_head_only(path: Path) -> None:
+    """`file_mounts` and `setup_commands` reach every node: neither carries the password; the
+    head's own setup loads it."""
+    prepared = _prepared(path)
+    everywhere = "\n".join(prepared.get("setup_commands", []) + list(prepared["file_mounts"]))
+    everywhere += "\n" + _setup(prepared, "worker")
+    assert not re.search(r"postgres\.env|PGPASSWORD|secretsmanager", everywhere, re.I), path.name
+    head = "\n".join(prepared.get("head_setup_commands", []))
+    assert "~/.kdsweep/postgres.env" in head and "set -a" in head, path.name
+    assert "kdsweep-secrets/postgres.env" not in path.read_text(), "synced to every worker"

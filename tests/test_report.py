@@ -428,7 +428,10 @@ def sweeps(tmp_path_factory):
         _finish(started[1], local / "rep.log")
         _wait_healthy(url, started[0], remote / "server.log")
         grid = {"teacher_loss": ["ce"], "method": ["kd", "ce"], "train_attack": ["none"]}
-        storage = {"path": str(remote / "sweeps"), "mlflow_tracking_uri": url}
+        # with a password in the URI (MLflow's client sends it, this server ignores it): never
+        # written nor printed (test_a_password_in_the_tracking_uri_is_never_written_or_printed)
+        uri = url.replace("http://", f"http://kd:{PASSWORD}@")
+        storage = {"path": str(remote / "sweeps"), "mlflow_tracking_uri": uri}
         started.append(_start_sweep(remote, "srv", grid, storage=storage))
         _finish(started[2], remote / "srv.log")
         server = SimpleNamespace(tmp=remote, url=url, storage=remote / "sweeps")
@@ -441,6 +444,24 @@ def sweeps(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server_sweep(sweeps):
     return sweeps.server
+
+
+PASSWORD = "pw-Never-Written-7"
+
+
+def test_a_password_in_the_tracking_uri_is_never_written_or_printed(server_sweep):
+    """Issue 19, item 3, end to end: `srv` ran with its password in the tracking URI. No file
+    of the sweep (sweep.yaml, state.json, Tune's experiment, checkpoints), of the server's
+    store and artifacts (sweep.yaml logged on every run, tags), nor `sweep run`'s or `sweep
+    status`'s output holds it; status connects with the stored, password-free URI."""
+    tmp = server_sweep.tmp
+    r = sweep_cli(tmp, "status", "srv", "--storage", str(server_sweep.storage))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "MLflow: http://kd@127.0.0.1:" in r.stdout  # what it connected with
+    assert PASSWORD not in r.stdout + r.stderr
+    files = [p for p in tmp.rglob("*") if p.is_file() and p.name != "srv.yaml"]  # the user's
+    assert len(files) > 20 and tmp / "srv.log" in files
+    assert [p for p in files if PASSWORD.encode() in p.read_bytes()] == []
 
 
 def _ui_search(url: str, exp_id: str, flt: str) -> list[dict]:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..layout import report_out
 from ..tracking import Tracker
 from .data import SweepData, read_sweep
 from .footnotes import footnotes
@@ -76,8 +77,9 @@ def log_to_parent(tracker: Tracker, run_id: str, out: Path, files: list[Path]) -
 def write_report(name: str, storage: str | Path = "./sweeps", out: str | Path | None = None) -> str:
     """Write the report of sweep `name` and log it to the sweep's parent MLflow run; returns a
     short summary of what was written and what is missing. FileNotFoundError: no such sweep."""
+    checked = report_out(out) if out else None  # before anything is read
     data = read_sweep(name, storage)
-    out_dir = Path(out) if out else data.report_dir
+    out_dir = checked or data.report_dir
     (out_dir / "history").mkdir(parents=True, exist_ok=True)
     df = trials_table(data.spec, data.students)
     best = best_configs(data.spec, df)
