@@ -10,7 +10,8 @@ open a new one; DESIGN §3.7).
 Tags mean the same on every kind of run: `kind` (sweep | student | teacher), `sweep` (the sweep's
 name), `teacher_loss` (a teacher-loss label as it appears in cell keys: the cell's on a student
 run, the teacher's own on a teacher run; the registered loss name is the teacher run's param
-`loss`), `method`, `train_attack`, `cell`, `config_key`, `optuna_trial`, `repeat` (students).
+`loss`), `method`, `train_attack`, `cell`, `config_key`, `optuna_trial`, `repeat` (students);
+`create_token` on every run (start_run finds a run it created before a lost answer by it).
 Every query of "the runs of this sweep" is `Tracker.sweep_runs`, paged: no cap on the count.
 """
 
@@ -117,9 +118,10 @@ class Tracker:
         sweep checks its store so); after it, and always with the default, outages are waited
         out (patience.py)."""
         self.uri = tracking_uri
-        self.client = patient_client(tracking_uri) if wait_first else MlflowClient(tracking_uri)
+        self.client = MlflowClient(tracking_uri) if not wait_first else patient_client(tracking_uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
-        self.client = patient_client(tracking_uri)
+        if not wait_first:
+            self.client = patient_client(tracking_uri)
 
     @classmethod
     def for_run(cls, tracking_uri: str, run_id: str) -> tuple[Tracker, Any]:
@@ -152,6 +154,8 @@ class Tracker:
         tags: dict[str, str] | None = None,
         parent_run_id: str | None = None,
     ) -> str:
+        """A new run; its id. Created once however often the store drops the answer: a
+        retry first looks for the run by this call's `create_token` tag."""
         token = uuid.uuid4().hex
         all_tags = {**(tags or {}), CREATE_TOKEN: token}
         if parent_run_id:
