@@ -39,7 +39,8 @@ from .store import is_remote
 from .teacher_defs import teacher_generations
 from .teachers import get_teacher
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri, ui_hint
-from .trial import finalize_from_state, run_trial
+from .trial import finalize_from_state, record_failure, run_trial
+from .watch import Watch
 
 
 class SweepExists(Exception):
@@ -165,7 +166,66 @@ class Progress(tune.Callback):
         # the console (TUNE_PRINT_ALL_TRIAL_ERRORS=0): say where
         where = _error_file(self.ctx, trial)
         reason = _error_line(detail) or "no error recorded"
+        outcome = self.ctx.checkpoints().outcome(TrialConfig.from_dict(trial.config).key)
+        if outcome and outcome["status"] == FAILED and outcome["reason"] not in reason:
+            reason = f"{outcome['reason']}: {reason}"  # e.g. timeout: the actor was killed
         self._ended(trial, TRIAL_FAILED, reason + (f" (traceback: {where})" if where else ""))
+
+
+class TrialWatch(tune.Callback):
+    """Trials past `budget.trial_timeout` are stopped (their worker killed: a hung trial
+    answers nothing) and failed for good with reason `timeout` (trial.record_failure: the
+    restart Tune makes re-raises it, Optuna records FAIL with the reason); trials quiet for
+    much longer than an epoch takes are named on the console (watch.py)."""
+
+    def __init__(self, ctx: SweepContext, console: SweepConsole) -> None:
+        self.ctx, self.console = ctx, console
+        self.watch = Watch(ctx.spec.budget.trial_timeout)
+        self._trials: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled with the run config, as Progress
+        return {**self.__dict__, "console": None, "_trials": {}}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.watch.started(trial.trial_id)
+        self._trials[trial.trial_id] = trial
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self.watch.reported(trial.trial_id)
+
+    def _gone(self, trial: Any) -> None:
+        self.watch.ended(trial.trial_id)
+        self._trials.pop(trial.trial_id, None)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._gone(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._gone(trial)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        for tid, took in self.watch.overdue():
+            trial = self._trials[tid]
+            self._gone(trial)
+            if trial.status != "RUNNING":
+                continue
+            actor = trial.temporary_state.ray_actor
+            if actor is not None:  # first, so the trial cannot write after its failure
+                ray.kill(actor, no_restart=True)
+            config = TrialConfig.from_dict(trial.config)
+            limit = duration(self.ctx.spec.budget.trial_timeout or 0)
+            record_failure(self.ctx, config, "timeout", f"still running after {duration(took)}")
+            self.console.note(
+                f"{config.label} ran past budget.trial_timeout ({limit}): stopped, failed"
+            )
+        for tid, quiet, typical in self.watch.stalled():
+            config = TrialConfig.from_dict(self._trials[tid].config)
+            self.console.note(
+                f"{config.label} has not reported for {duration(quiet)} (an epoch takes "
+                f"{duration(typical)} here): stalled?"
+            )
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours the task's name in a RayTaskError
@@ -466,7 +526,9 @@ def sweep_tracker(spec: SweepSpec) -> tuple[str, str, Tracker]:
     root is named after the sweep (a checked name), never the experiment (any string)."""
     uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
     experiment = spec.storage.mlflow_experiment or spec.name
-    return uri, experiment, Tracker(uri, experiment, default_artifact_root(uri, spec.name))
+    # a store unreachable now is an error; later outages are waited out (patience.py)
+    root = default_artifact_root(uri, spec.name)
+    return uri, experiment, Tracker(uri, experiment, root, wait_first=False)
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
@@ -513,7 +575,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
     console = _console(spec, total)
-    run_config.callbacks = [Progress(ctx, console)]
+    run_config.callbacks = [Progress(ctx, console), TrialWatch(ctx, console)]
     tuner = tune.Tuner(
         trainable_,
         tune_config=tune_config(spec, layout.optuna_url, total),
@@ -577,7 +639,10 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
             candidates=c.candidates,
         )
     # the pickled run config holds the first run's Progress, without a display: replace it
-    tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, console)]
+    tuner._local_tuner.get_run_config().callbacks = [
+        Progress(ctx, console),
+        TrialWatch(ctx, console),
+    ]
     # ... and its searcher holds the Optuna URL without its password (CellSearcher.__getstate__)
     tuner._local_tuner._tune_config.search_alg.optuna_url = layout.optuna_url
     return _fit(ctx, tuner, embedded, console)

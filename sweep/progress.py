@@ -11,6 +11,7 @@ import optuna
 
 from . import selection
 from .layout import SweepLayout
+from .patience import optuna_storage
 from .spec import SweepSpec
 from .tracking import Tracker
 
@@ -23,7 +24,7 @@ def cell_trials(
     url = layout.optuna_url
     if not create and url.startswith("sqlite:///") and not _exists(url):
         return {}
-    storage = optuna.storages.RDBStorage(url, skip_table_creation=not create)
+    storage = optuna_storage(url, create=create)
     names = set(optuna.get_all_study_names(storage))
     out = {}
     for cell in spec.cells():

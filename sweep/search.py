@@ -24,9 +24,11 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from . import selection
+from .checkpoints import FAILED, TrialCheckpoints
 from .config import TrialConfig
 from .credentials import redact, redact_spec
 from .layout import SweepLayout
+from .patience import optuna_storage
 from .samplers import make_sampler, startup
 from .space import (
     CategoricalParam,
@@ -100,8 +102,8 @@ class CellSearcher(Searcher):
     @property
     def storage(self) -> optuna.storages.RDBStorage:
         if self._storage is None:
-            # one storage (one connection pool) for every cell's study
-            self._storage = optuna.storages.RDBStorage(self.optuna_url)
+            # one storage (one connection pool) for every cell's study; outages are waited out
+            self._storage = optuna_storage(self.optuna_url)
         return self._storage
 
     def study(self, key: str) -> optuna.Study:
@@ -301,6 +303,7 @@ class CellSearcher(Searcher):
         objectives = self.spec.objectives
         # skip_if_finished: told before the driver died; Optuna keeps its verdict
         if error or not result or any(o.metric not in result for o in objectives):
+            self._record_failure(key, number)
             study.tell(number, state=state.FAIL, skip_if_finished=True)
             return
         values = [float(result[o.metric]) for o in objectives]
@@ -315,6 +318,15 @@ class CellSearcher(Searcher):
         if not self._finished(key, number):
             self.storage.set_trial_user_attr(self._storage_id(key, number), "epochs_trained", epoch)
         study.tell(number, values, skip_if_finished=True)
+
+    def _record_failure(self, key: str, number: int) -> None:
+        """A trial that failed for good with a reason (diverged, timeout) says it in Optuna
+        too (user attr `failure_reason`), as its MLflow run does."""
+        config = TrialConfig(key, "", "", "", {}, 0, number)  # its checkpoint key only
+        outcome = TrialCheckpoints(self.layout.trials).outcome(config.key)
+        if outcome and outcome["status"] == FAILED and not self._finished(key, number):
+            trial_id = self._storage_id(key, number)
+            self.storage.set_trial_user_attr(trial_id, "failure_reason", outcome["reason"])
 
     def save(self, checkpoint_path: str) -> None:
         """What the searcher knows beyond Optuna's storage, as JSON data (never a pickle: the

@@ -233,6 +233,24 @@ class BudgetSpec(StrictModel):
         description="several objectives: ASHA ranks trials by this weighted sum of the "
         "objectives (each signed by its mode, so a larger sum is better); required then",
     )
+    trial_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="the most wall-clock time one attempt of a trial may run (seconds, or "
+        "'90s', '30m', '2h'; its teacher's training included); past it the trial is stopped "
+        "and failed with reason `timeout`, and the sweep goes on. null = no limit",
+    )
+
+    @field_validator("trial_timeout", mode="before")
+    @classmethod
+    def _seconds(cls, v: Any) -> Any:
+        if isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", v)):
+            return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
+        if isinstance(v, str):
+            raise ValueError(
+                f"{v!r} is not a duration; allowed: seconds, or e.g. '90s', '30m', '2h'"
+            )
+        return v
 
     @model_validator(mode="after")
     def _grace(self) -> BudgetSpec:

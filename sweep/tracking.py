@@ -10,7 +10,8 @@ open a new one; DESIGN §3.7).
 Tags mean the same on every kind of run: `kind` (sweep | student | teacher), `sweep` (the sweep's
 name), `teacher_loss` (a teacher-loss label as it appears in cell keys: the cell's on a student
 run, the teacher's own on a teacher run; the registered loss name is the teacher run's param
-`loss`), `method`, `train_attack`, `cell`, `config_key`, `optuna_trial`, `repeat` (students).
+`loss`), `method`, `train_attack`, `cell`, `config_key`, `optuna_trial`, `repeat` (students);
+`create_token` on every run (start_run finds a run it created before a lost answer by it).
 Every query of "the runs of this sweep" is `Tracker.sweep_runs`, paged: no cap on the count.
 """
 
@@ -18,14 +19,18 @@ from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import requests
+import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .credentials import mlflow_client_uri, redact
+from .patience import patient_methods, patiently
 
 MAX_PARAM_LEN = 6000
 PAGE = 1000  # runs per search call; `_search` pages through all of them
@@ -71,20 +76,58 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+CREATE_TOKEN = "create_token"  # tag: finds a run whose creation's answer was lost (start_run)
+
+
+def mlflow_outage(e: BaseException) -> bool:
+    """The tracking store is unreachable or down (patience.py waits), not a bad request: the
+    client's own retries gave up on a connection ("API request to ... failed with exception"
+    or a timeout), a proxy answered 502/503/504, or a SQLite store was locked or missing."""
+    if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return True
+    if isinstance(e, sqlalchemy.exc.OperationalError):
+        return True
+    if isinstance(e, MlflowException):
+        msg = str(e)
+        if msg.startswith("API request to ") and (
+            "failed with exception" in msg or "failed with timeout exception" in msg
+        ):
+            return True
+        if e.get_http_status_code() in (502, 503, 504):
+            return True
+        return isinstance(e.__cause__, sqlalchemy.exc.OperationalError)  # SQLite store
+    return False
+
+
+def patient_client(uri: str) -> MlflowClient:
+    """An MlflowClient whose every call waits out an outage of the store (patience.py)."""
+    return patient_methods(MlflowClient(uri), f"MLflow at {redact(uri)}", mlflow_outage)
+
+
 class Tracker:
     """One MLflow experiment (a sweep) and the runs in it."""
 
     def __init__(
-        self, tracking_uri: str, experiment: str, artifact_root: str | None = None
+        self,
+        tracking_uri: str,
+        experiment: str,
+        artifact_root: str | None = None,
+        *,
+        wait_first: bool = True,
     ) -> None:
+        """`wait_first=False`: a store unreachable at this first contact is an error (a new
+        sweep checks its store so); after it, and always with the default, outages are waited
+        out (patience.py)."""
         self.uri = tracking_uri = mlflow_client_uri(tracking_uri)  # no password in messages
-        self.client = MlflowClient(tracking_uri)
+        self.client = MlflowClient(tracking_uri) if not wait_first else patient_client(tracking_uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
+        if not wait_first:
+            self.client = patient_client(tracking_uri)
 
     @classmethod
     def for_run(cls, tracking_uri: str, run_id: str) -> tuple[Tracker, Any]:
         """The tracker of the experiment that holds `run_id`, and the run."""
-        client = MlflowClient(mlflow_client_uri(tracking_uri))
+        client = patient_client(mlflow_client_uri(tracking_uri))
         run = client.get_run(run_id)
         name = client.get_experiment(run.info.experiment_id).name
         return cls(tracking_uri, name), run
@@ -112,10 +155,25 @@ class Tracker:
         tags: dict[str, str] | None = None,
         parent_run_id: str | None = None,
     ) -> str:
-        all_tags = dict(tags or {})
+        """A new run; its id. Created once however often the store drops the answer: a
+        retry first looks for the run by this call's `create_token` tag."""
+        token = uuid.uuid4().hex
+        all_tags = {**(tags or {}), CREATE_TOKEN: token}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        raw = MlflowClient(self.uri)  # retried here as a whole: find, then create
+        tries = 0
+
+        def create() -> Any:
+            nonlocal tries
+            tries += 1
+            if tries > 1:  # an earlier try may have reached the store before its answer was lost
+                found = raw.search_runs([self.experiment_id], f"tags.{CREATE_TOKEN} = '{token}'")
+                if found:
+                    return found[0]
+            return raw.create_run(self.experiment_id, run_name=name, tags=all_tags)
+
+        run = patiently(create, f"MLflow at {redact(self.uri)}", mlflow_outage)
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id

@@ -187,6 +187,16 @@ def _student_run(
     return run_id
 
 
+def record_failure(ctx: SweepContext, config: TrialConfig, reason: str, detail: str) -> None:
+    """Fail a trial for good from outside it (the driver, on a timeout): its outcome (a
+    restart re-raises it, TrialFailed) and its MLflow run, FAILED with `reason`. A trial
+    stopped before it opened its run gets one, so MLflow lists every trial that failed."""
+    checkpoints = ctx.checkpoints()
+    checkpoints.set_outcome(config.key, FAILED, reason)
+    run_id = checkpoints.run_id(config.key) or _student_run(ctx, config, config.key, "", None, {})
+    ctx.tracker().fail(run_id, reason, detail)
+
+
 def method_parts(method: Any) -> nn.Module | None:
     """The method's trainable parts, in train mode (None for most methods)."""
     parts = getattr(method, "trainable", None)
