@@ -12,8 +12,11 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from .layout import SweepLayout, open_sweep
 from .progress import sweep_progress
 from .search import CellASHA, CellSearcher
 from .spec import SweepSpec, dump_spec
-from .status import cell_status, status_table
+from .status import cell_status, close_stale, driver_ended, driver_started, status_table
 from .store import is_remote
 from .teacher_defs import teacher_generations
 from .teachers import get_teacher
@@ -204,11 +207,26 @@ def init_ray(address: str | None) -> bool:
         return not address
     if address:
         ray.init(address=address, log_to_driver=True)
+        sigterm_as_ctrl_c()
         return False
     # loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set by cli.main before Ray's import
     # (setting it here, after `import ray`, would be too late: DESIGN §3.8)
     ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    sigterm_as_ctrl_c()
     return True
+
+
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`ray job stop`, Kubernetes, `kill`) stops the sweep as Ctrl-C does: Tune saves
+    its state, running trials' runs are marked KILLED, the sweep stays resumable. ray.init
+    installs its own SIGTERM handler, which exits at once (leaving runs RUNNING), so this comes
+    after it. Main thread only (Python's rule for signal handlers)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # whatever handles Ctrl-C now (Tune's, or Python's)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _DropMessage(logging.Filter):
@@ -469,7 +487,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
 
     uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
     experiment = spec.storage.mlflow_experiment or spec.name
-    tracker = Tracker(uri, experiment, default_artifact_root(uri, experiment))
+    # the sweep's own identity: its name may be a deleted sweep's, whose runs are in the same
+    # experiment; every run is tagged with it and every query selects by it (tracking.py)
+    sweep_id = uuid.uuid4().hex
+    tracker = Tracker(uri, experiment, default_artifact_root(uri, experiment), sweep_id=sweep_id)
     cells = spec.cells()
     total = spec.tuning_trials() + len(cells) * spec.repeats  # repeats: at most one set a cell
     parent = tracker.start_run(
@@ -484,8 +505,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         "experiment_id": tracker.experiment_id,
         "parent_run_id": parent,
         "optuna": layout.optuna_url,
+        "sweep_id": sweep_id,
     }
     store.write(json.dumps(state, indent=2).encode(), "state.json")
+    driver_started(store)
     repeats = f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else ""
     print(
         f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials"
@@ -493,7 +516,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
-    ctx = SweepContext(spec, layout, uri, experiment, parent)
+    ctx = SweepContext(spec, layout, uri, experiment, parent, sweep_id)
     _train_teachers_first(ctx, embedded)
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
@@ -504,7 +527,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         tune_config=tune_config(spec, layout.optuna_url, total),
         run_config=run_config,
     )
-    return _fit(ctx, tuner, embedded, console)
+    try:
+        return _fit(ctx, tuner, embedded, console)
+    finally:
+        driver_ended(store)
 
 
 def _console(spec: SweepSpec, total: int) -> SweepConsole:
@@ -530,8 +556,19 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
             f"before its first trial was scheduled: delete {layout.sweep} and run it again"
         )
     uri = state["mlflow_tracking_uri"]
-    ctx = SweepContext(spec, layout, uri, state["experiment"], state["parent_run_id"])
+    sweep_id = state.get("sweep_id")
+    if sweep_id is None:
+        print(
+            f"note: sweep {name} was made before sweeps had an id: its MLflow runs are "
+            f"those tagged sweep={name}, a deleted sweep's of that name included",
+            flush=True,
+        )
+    ctx = SweepContext(spec, layout, uri, state["experiment"], state["parent_run_id"], sweep_id)
     tracker = ctx.tracker()
+    # a driver that died (SIGKILL, lost node) left runs RUNNING: KILLED until their trial
+    # continues (it sets its run RUNNING again); its Optuna trials continue as they are
+    close_stale(opened, optuna_too=False)
+    driver_started(layout.store())
     tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total = spec.tuning_trials() + len(spec.cells()) * spec.repeats
     done, _ = sweep_progress(spec, layout, tracker)
@@ -563,7 +600,10 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
         )
     # the pickled run config holds the first run's Progress, without a display: replace it
     tuner._local_tuner.get_run_config().callbacks = [Progress(ctx, console)]
-    return _fit(ctx, tuner, embedded, console)
+    try:
+        return _fit(ctx, tuner, embedded, console)
+    finally:
+        driver_ended(layout.store())
 
 
 def _trial_slots(spec: SweepSpec) -> int:

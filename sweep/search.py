@@ -26,6 +26,7 @@ from ray.tune.search import Searcher
 from . import selection
 from .config import TrialConfig
 from .layout import SweepLayout
+from .progress import REPLACES, current_trials
 from .samplers import make_sampler, startup
 from .space import (
     CategoricalParam,
@@ -139,7 +140,7 @@ class CellSearcher(Searcher):
         found = []
         for cell in self.cells:
             handed = set(self.handed[cell.key])
-            for t in self.study(cell.key).get_trials(deepcopy=False):
+            for t in current_trials(self.study(cell.key).get_trials(deepcopy=False)):
                 if t.state.is_finished():  # also those told after the snapshot
                     self.ended[cell.key].add(t.number)
                 if t.state == optuna.trial.TrialState.WAITING:
@@ -184,7 +185,7 @@ class CellSearcher(Searcher):
         if len(self.handed[cell.key]) < first:
             return
         study = self.study(cell.key)
-        trials = study.get_trials(deepcopy=False)
+        trials = current_trials(study.get_trials(deepcopy=False))
         if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
             return  # an offer still waits to be asked
         offered = {t.user_attrs.get("warm_start_from") for t in trials} - {None}
@@ -233,7 +234,7 @@ class CellSearcher(Searcher):
     def best_trial(self, key: str) -> optuna.trial.FrozenTrial | None:
         """The cell's best finished trial, by the sweep's one rule (selection.py)."""
         obj = selection.rule(self.spec)
-        trials = self.study(key).get_trials(deepcopy=False)
+        trials = current_trials(self.study(key).get_trials(deepcopy=False))
         best = selection.best(selection.from_optuna(trials, obj, self.spec.budget.epochs), obj)
         return best.first.ref if best else None
 
@@ -287,7 +288,8 @@ class CellSearcher(Searcher):
     ) -> None:
         if trial_id not in self.live:
             return
-        key, number = self.live.pop(trial_id)
+        # an errored trial stays known: `sweep resume` (resume_errored) may continue it
+        key, number = self.live[trial_id] if error else self.live.pop(trial_id)
         self.ended[key].add(number)
         study = self.study(key)
         state = optuna.trial.TrialState
@@ -298,6 +300,9 @@ class CellSearcher(Searcher):
             return
         values = [float(result[o.metric]) for o in objectives]
         epoch = int(result.get("epoch", 0))
+        if self._failed_before(key, number):
+            self._replace_failed(key, number, values, epoch)
+            return
         if epoch < self.spec.budget.epochs and len(objectives) == 1:
             # stopped early by ASHA: TPE ranks PRUNED trials by their intermediate values
             study.tell(number, state=state.PRUNED, skip_if_finished=True)
@@ -308,6 +313,42 @@ class CellSearcher(Searcher):
         if not self._finished(key, number):
             self.storage.set_trial_user_attr(self._storage_id(key, number), "epochs_trained", epoch)
         study.tell(number, values, skip_if_finished=True)
+
+    def _failed_before(self, key: str, number: int) -> bool:
+        """Optuna was told this trial FAILed (its retries were spent, or `sweep status --fix`
+        closed it), and now it came back and finished: `sweep resume` continued it."""
+        state = self.storage.get_trial(self._storage_id(key, number)).state
+        return state == optuna.trial.TrialState.FAIL
+
+    def _replace_failed(self, key: str, number: int, values: list[float], epoch: int) -> None:
+        """A FAIL trial is final in Optuna: its outcome goes in as a new trial with the same
+        parameters and distributions, user attr `replaces` naming the failed one, which
+        progress.current_trials shows in its place (status, report, selection, this searcher).
+        Once: a driver that died after adding it finds it on resume."""
+        study = self.study(key)
+        if any(t.user_attrs.get(REPLACES) == number for t in study.get_trials(deepcopy=False)):
+            return
+        old = self.storage.get_trial(self._storage_id(key, number))
+        attrs = {**old.user_attrs, REPLACES: number}
+        one = len(self.spec.objectives) == 1
+        steps = dict(old.intermediate_values)
+        if one:
+            steps[epoch] = values[0]
+        pruned = epoch < self.spec.budget.epochs and one  # as `on_trial_complete` tells
+        if not pruned:
+            attrs["epochs_trained"] = epoch
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.PRUNED
+                if pruned
+                else optuna.trial.TrialState.COMPLETE,
+                values=None if pruned else values,
+                params=old.params,
+                distributions=old.distributions,
+                user_attrs=attrs,
+                intermediate_values=steps,
+            )
+        )
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
