@@ -148,6 +148,11 @@ class CellSearcher(Searcher):
                 if t.number not in handed:
                     found.append((t.datetime_start, cell.key, t.number))
         self.orphans += [(key, number) for _, key, number in sorted(found)]  # as first asked
+        # Tune restarts the trials it knew running or errored (resume_errored): a FAIL one
+        # among them has not ended, whatever Optuna says, until it ends again
+        for key, number in self.live.values():
+            if self.storage.get_trial(self._storage_id(key, number)).state.name == "FAIL":
+                self.ended[key].discard(number)
         self._reconciled = True
         return list(self.orphans)
 
