@@ -148,9 +148,10 @@ class CellSearcher(Searcher):
                 if t.number not in handed:
                     found.append((t.datetime_start, cell.key, t.number))
         self.orphans += [(key, number) for _, key, number in sorted(found)]  # as first asked
-        # Tune restarts the trials it knew running or errored (resume_errored): a FAIL one
-        # among them has not ended, whatever Optuna says, until it ends again
-        for key, number in self.live.values():
+        # Tune restarts the trials it knew running or errored (resume_errored), and orphans are
+        # handed out again: a FAIL one among them has not ended, whatever Optuna says, until it
+        # ends again
+        for key, number in [*self.live.values(), *self.orphans]:
             if self.storage.get_trial(self._storage_id(key, number)).state.name == "FAIL":
                 self.ended[key].discard(number)
         self._reconciled = True
@@ -334,7 +335,8 @@ class CellSearcher(Searcher):
         if any(t.user_attrs.get(REPLACES) == number for t in study.get_trials(deepcopy=False)):
             return
         old = self.storage.get_trial(self._storage_id(key, number))
-        attrs = {**old.user_attrs, REPLACES: number}
+        attrs = {k: v for k, v in old.user_attrs.items() if k != "closed_because"}
+        attrs[REPLACES] = number
         one = len(self.spec.objectives) == 1
         steps = dict(old.intermediate_values)
         if one:
