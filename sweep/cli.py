@@ -153,10 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from .driver import resume_sweep
+    from .status import SweepRunning
 
     try:
         complete = resume_sweep(args.name, args.storage, address=args.address)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, SweepRunning) as e:
         return _fail(str(e))
     return 0 if complete else EXIT_INTERRUPTED
 
@@ -173,11 +174,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import sweep_status
+    from .status import SweepRunning, sweep_status
 
     try:
-        print(sweep_status(args.name, args.storage))
-    except FileNotFoundError as e:
+        print(sweep_status(args.name, args.storage, fix=args.fix))
+    except (FileNotFoundError, SweepRunning) as e:
         return _fail(str(e))
     return 0
 
@@ -364,6 +365,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="per cell: trials done / running / failed, best so far")
     s.add_argument("name")
     s.add_argument("--storage", default=DEFAULT_STORAGE, help=STORAGE_HELP)
+    s.add_argument(
+        "--fix",
+        action="store_true",
+        help="close the RUNNING MLflow runs and Optuna trials a dead driver left (refused while "
+        "the sweep's driver runs)",
+    )
     s.set_defaults(fn=cmd_status)
     e = sub.add_parser(
         "evaluate", help="full test-set suite for the best trials of each cell, into their runs"

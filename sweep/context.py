@@ -32,17 +32,18 @@ class SweepContext:
     tracking_uri: str
     experiment: str
     parent_run_id: str | None
+    sweep_id: str | None = None  # state.json's; None for a sweep from before ids (tracking.py)
 
     def tracker(self) -> Tracker:
-        return _tracker(self.tracking_uri, self.experiment)
+        return _tracker(self.tracking_uri, self.experiment, self.sweep_id)
 
     def checkpoints(self) -> TrialCheckpoints:
         return TrialCheckpoints(self.layout.trials)
 
 
 @functools.lru_cache(maxsize=4)
-def _tracker(uri: str, experiment: str) -> Tracker:
-    return Tracker(uri, experiment)
+def _tracker(uri: str, experiment: str, sweep_id: str | None) -> Tracker:
+    return Tracker(uri, experiment, sweep_id=sweep_id)
 
 
 @functools.lru_cache(maxsize=2)

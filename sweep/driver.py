@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from .layout import SweepLayout, open_sweep, write_state
 from .progress import sweep_progress
 from .search import CellASHA, CellSearcher
 from .spec import SweepSpec, dump_spec
-from .status import cell_status, status_table
+from .status import cell_status, close_stale, driver_ended, driver_started, status_table
 from .store import is_remote
 from .teacher_defs import teacher_generations
 from .teachers import get_teacher
@@ -273,11 +276,26 @@ def init_ray(address: str | None) -> bool:
         return not address
     if address:
         ray.init(address=address, log_to_driver=True)
+        sigterm_as_ctrl_c()
         return False
     # loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set by cli.main before Ray's import
     # (setting it here, after `import ray`, would be too late: DESIGN §3.8)
     ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    sigterm_as_ctrl_c()
     return True
+
+
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`ray job stop`, Kubernetes, `kill`) stops the sweep as Ctrl-C does: Tune saves
+    its state, running trials' runs are marked KILLED, the sweep stays resumable. ray.init
+    installs its own SIGTERM handler, which exits at once (leaving runs RUNNING), so this comes
+    after it. Main thread only (Python's rule for signal handlers)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # whatever handles Ctrl-C now (Tune's, or Python's)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _DropMessage(logging.Filter):
@@ -521,14 +539,15 @@ def _snapshot_often() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
-def sweep_tracker(spec: SweepSpec) -> tuple[str, str, Tracker]:
-    """The new sweep's tracking URI, MLflow experiment and tracker. A SQLite store's artifact
-    root is named after the sweep (a checked name), never the experiment (any string)."""
+def sweep_tracker(spec: SweepSpec, sweep_id: str) -> tuple[str, str, Tracker]:
+    """The new sweep's tracking URI, MLflow experiment and tracker (tagging runs with
+    `sweep_id`). A SQLite store's artifact root is named after the sweep (a checked name),
+    never the experiment (any string)."""
     uri = resolve_tracking_uri(spec.storage.mlflow_tracking_uri)
     experiment = spec.storage.mlflow_experiment or spec.name
     # a store unreachable now is an error; later outages are waited out (patience.py)
     root = default_artifact_root(uri, spec.name)
-    return uri, experiment, Tracker(uri, experiment, root, wait_first=False)
+    return uri, experiment, Tracker(uri, experiment, root, wait_first=False, sweep_id=sweep_id)
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
@@ -546,7 +565,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     check_resources(spec, embedded)  # before anything is written
     store.write(dump_spec(spec).encode(), "sweep.yaml")
 
-    uri, experiment, tracker = sweep_tracker(spec)
+    # the sweep's own identity: its name may be a deleted sweep's, whose runs are in the same
+    # experiment; every run is tagged with it and every query selects by it (tracking.py)
+    sweep_id = uuid.uuid4().hex
+    uri, experiment, tracker = sweep_tracker(spec, sweep_id)
     cells = spec.cells()
     total = spec.tuning_trials() + len(cells) * spec.repeats  # repeats: at most one set a cell
     parent = tracker.start_run(
@@ -561,8 +583,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         "experiment_id": tracker.experiment_id,
         "parent_run_id": parent,
         "optuna": layout.optuna_url,
+        "sweep_id": sweep_id,
     }
     write_state(store, state)  # without passwords
+    driver_started(store)
     repeats = f" + {spec.repeats} seed repeats of each cell's best" if spec.repeats else ""
     print(
         f"sweep {spec.name}: {len(cells)} cells x {spec.budget.trials_per_cell} trials"
@@ -570,7 +594,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         f"MLflow: {ui_hint(uri, tracker.experiment_id)}",
         flush=True,
     )
-    ctx = SweepContext(spec, layout, uri, experiment, parent)
+    ctx = SweepContext(spec, layout, uri, experiment, parent, sweep_id)
     _train_teachers_first(ctx, embedded)
     _snapshot_often()
     trainable_, run_config = _tuner_parts(spec, ctx)
@@ -581,7 +605,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
         tune_config=tune_config(spec, layout.optuna_url, total),
         run_config=run_config,
     )
-    return _fit(ctx, tuner, embedded, console)
+    try:
+        return _fit(ctx, tuner, embedded, console)
+    finally:
+        driver_ended(store)
 
 
 def _console(spec: SweepSpec, total: int) -> SweepConsole:
@@ -607,8 +634,19 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
             f"before its first trial was scheduled: delete {layout.sweep} and run it again"
         )
     uri = state["mlflow_tracking_uri"]
-    ctx = SweepContext(spec, layout, uri, state["experiment"], state["parent_run_id"])
+    sweep_id = state.get("sweep_id")
+    if sweep_id is None:
+        print(
+            f"note: sweep {name} was made before sweeps had an id: its MLflow runs are "
+            f"those tagged sweep={name}, a deleted sweep's of that name included",
+            flush=True,
+        )
+    ctx = SweepContext(spec, layout, uri, state["experiment"], state["parent_run_id"], sweep_id)
     tracker = ctx.tracker()
+    # a driver that died (SIGKILL, lost node) left runs RUNNING: KILLED until their trial
+    # continues (it sets its run RUNNING again); its Optuna trials continue as they are
+    close_stale(opened, optuna_too=False)
+    driver_started(layout.store())
     tracker.resume_run(state["parent_run_id"], {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     total = spec.tuning_trials() + len(spec.cells()) * spec.repeats
     done, _ = sweep_progress(spec, layout, tracker)
@@ -645,7 +683,10 @@ def resume_sweep(name: str, storage: str | Path = "./sweeps", address: str | Non
     ]
     # ... and its searcher holds the Optuna URL without its password (CellSearcher.__getstate__)
     tuner._local_tuner._tune_config.search_alg.optuna_url = layout.optuna_url
-    return _fit(ctx, tuner, embedded, console)
+    try:
+        return _fit(ctx, tuner, embedded, console)
+    finally:
+        driver_ended(layout.store())
 
 
 def _trial_slots(spec: SweepSpec) -> int:

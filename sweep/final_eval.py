@@ -129,7 +129,7 @@ def evaluate_sweep(
     """The CLI's entry point: find the sweep's spec and MLflow store from its folder."""
     opened = open_sweep(name, storage)
     spec, state = opened.spec, opened.state
-    tracker = Tracker(state["mlflow_tracking_uri"], state["experiment"])
+    tracker = Tracker.of_state(state)
     runs = [AttackRun.model_validate(a) for a in attacks] if attacks else None
     device = "cuda" if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
     return evaluate_finalists(

@@ -5,6 +5,8 @@ seed repeats are not Optuna trials, so theirs is the MLflow run's end (finished 
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import optuna
@@ -31,7 +33,31 @@ def cell_trials(
         name = layout.study_name(cell.key)
         if name in names:
             study = optuna.load_study(study_name=name, storage=storage)
-            out[cell.key] = study.get_trials(deepcopy=False)
+            out[cell.key] = current_trials(study.get_trials(deepcopy=False))
+    return out
+
+
+REPLACES = "replaces"  # user attr of a trial added in place of a FAIL one (search.py)
+
+
+def current_trials(
+    trials: Iterable[optuna.trial.FrozenTrial],
+) -> list[optuna.trial.FrozenTrial]:
+    """A cell's trials as they stand: a FAIL trial that was resumed and then finished (FAIL is
+    final in Optuna, so the searcher added its outcome as a new trial, user attr `replaces`)
+    is that new trial, under the old number, which is the trial's identity (checkpoints,
+    MLflow run, seed); the copy is not listed again."""
+    trials = list(trials)
+    by = {t.user_attrs[REPLACES]: t for t in trials if REPLACES in t.user_attrs}
+    out = []
+    for t in trials:
+        if REPLACES in t.user_attrs:
+            continue
+        if t.number in by and t.state == optuna.trial.TrialState.FAIL:
+            new = copy.copy(by[t.number])
+            new.number = t.number
+            t = new
+        out.append(t)
     return out
 
 

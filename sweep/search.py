@@ -29,6 +29,7 @@ from .config import TrialConfig
 from .credentials import redact, redact_spec
 from .layout import SweepLayout
 from .patience import optuna_storage
+from .progress import REPLACES, current_trials
 from .samplers import make_sampler, startup
 from .space import (
     CategoricalParam,
@@ -148,7 +149,7 @@ class CellSearcher(Searcher):
         found = []
         for cell in self.cells:
             handed = set(self.handed[cell.key])
-            for t in self.study(cell.key).get_trials(deepcopy=False):
+            for t in current_trials(self.study(cell.key).get_trials(deepcopy=False)):
                 if t.state.is_finished():  # also those told after the snapshot
                     self.ended[cell.key].add(t.number)
                 if t.state == optuna.trial.TrialState.WAITING:
@@ -156,6 +157,12 @@ class CellSearcher(Searcher):
                 if t.number not in handed:
                     found.append((t.datetime_start, cell.key, t.number))
         self.orphans += [(key, number) for _, key, number in sorted(found)]  # as first asked
+        # Tune restarts the trials it knew running or errored (resume_errored), and orphans are
+        # handed out again: a FAIL one among them has not ended, whatever Optuna says, until it
+        # ends again
+        for key, number in [*self.live.values(), *self.orphans]:
+            if self.storage.get_trial(self._storage_id(key, number)).state.name == "FAIL":
+                self.ended[key].discard(number)
         self._reconciled = True
         return list(self.orphans)
 
@@ -193,7 +200,7 @@ class CellSearcher(Searcher):
         if len(self.handed[cell.key]) < first:
             return
         study = self.study(cell.key)
-        trials = study.get_trials(deepcopy=False)
+        trials = current_trials(study.get_trials(deepcopy=False))
         if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
             return  # an offer still waits to be asked
         offered = {t.user_attrs.get("warm_start_from") for t in trials} - {None}
@@ -242,7 +249,7 @@ class CellSearcher(Searcher):
     def best_trial(self, key: str) -> optuna.trial.FrozenTrial | None:
         """The cell's best finished trial, by the sweep's one rule (selection.py)."""
         obj = selection.rule(self.spec)
-        trials = self.study(key).get_trials(deepcopy=False)
+        trials = current_trials(self.study(key).get_trials(deepcopy=False))
         best = selection.best(selection.from_optuna(trials, obj, self.spec.budget.epochs), obj)
         return best.first.ref if best else None
 
@@ -296,7 +303,8 @@ class CellSearcher(Searcher):
     ) -> None:
         if trial_id not in self.live:
             return
-        key, number = self.live.pop(trial_id)
+        # an errored trial stays known: `sweep resume` (resume_errored) may continue it
+        key, number = self.live[trial_id] if error else self.live.pop(trial_id)
         self.ended[key].add(number)
         study = self.study(key)
         state = optuna.trial.TrialState
@@ -308,6 +316,9 @@ class CellSearcher(Searcher):
             return
         values = [float(result[o.metric]) for o in objectives]
         epoch = int(result.get("epoch", 0))
+        if self._failed_before(key, number):
+            self._replace_failed(key, number, values, epoch)
+            return
         if epoch < self.spec.budget.epochs and len(objectives) == 1:
             # stopped early by ASHA: TPE ranks PRUNED trials by their intermediate values
             study.tell(number, state=state.PRUNED, skip_if_finished=True)
@@ -327,6 +338,43 @@ class CellSearcher(Searcher):
         if outcome and outcome["status"] == FAILED and not self._finished(key, number):
             trial_id = self._storage_id(key, number)
             self.storage.set_trial_user_attr(trial_id, "failure_reason", outcome["reason"])
+
+    def _failed_before(self, key: str, number: int) -> bool:
+        """Optuna was told this trial FAILed (its retries were spent, or `sweep status --fix`
+        closed it), and now it came back and finished: `sweep resume` continued it."""
+        state = self.storage.get_trial(self._storage_id(key, number)).state
+        return state == optuna.trial.TrialState.FAIL
+
+    def _replace_failed(self, key: str, number: int, values: list[float], epoch: int) -> None:
+        """A FAIL trial is final in Optuna: its outcome goes in as a new trial with the same
+        parameters and distributions, user attr `replaces` naming the failed one, which
+        progress.current_trials shows in its place (status, report, selection, this searcher).
+        Once: a driver that died after adding it finds it on resume."""
+        study = self.study(key)
+        if any(t.user_attrs.get(REPLACES) == number for t in study.get_trials(deepcopy=False)):
+            return
+        old = self.storage.get_trial(self._storage_id(key, number))
+        attrs = {k: v for k, v in old.user_attrs.items() if k != "closed_because"}
+        attrs[REPLACES] = number
+        one = len(self.spec.objectives) == 1
+        steps = dict(old.intermediate_values)
+        if one:
+            steps[epoch] = values[0]
+        pruned = epoch < self.spec.budget.epochs and one  # as `on_trial_complete` tells
+        if not pruned:
+            attrs["epochs_trained"] = epoch
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.PRUNED
+                if pruned
+                else optuna.trial.TrialState.COMPLETE,
+                values=None if pruned else values,
+                params=old.params,
+                distributions=old.distributions,
+                user_attrs=attrs,
+                intermediate_values=steps,
+            )
+        )
 
     def save(self, checkpoint_path: str) -> None:
         """What the searcher knows beyond Optuna's storage, as JSON data (never a pickle: the

@@ -4,10 +4,21 @@ Read from the Optuna storage, the one place the searcher records every tuning tr
 for seed repeats from MLflow (through the tracker). The best is chosen by selection.py's rule.
 `status_table` builds the same table from a sweep already open (the end of `sweep run`), and
 `cell_status` gives its rows as data (what a resumed sweep's progress display starts from).
+
+`sweep status NAME --fix` closes what a driver that died (SIGKILL, a lost node) left RUNNING:
+its MLflow runs become KILLED, its Optuna trials FAIL (a later `sweep resume` still finishes
+them: search.py replaces a FAIL trial that completes). It refuses while the sweep's driver may
+run: the driver writes `driver.json` (host, pid) in the sweep's folder when it starts and clears
+the pid when it ends; a pid still alive on this machine, or any pid on another machine (which
+cannot be checked from here), is taken as running.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +28,13 @@ import optuna
 
 from . import selection
 from .credentials import redact
-from .layout import SweepLayout, open_sweep
+from .layout import OpenedSweep, SweepLayout, open_sweep
 from .progress import cell_trials
 from .spec import SweepSpec
+from .store import Store
 from .tracking import Tracker
+
+DRIVER = "driver.json"  # who runs the sweep now: host, pid (None once it ended)
 
 
 @dataclass(frozen=True)
@@ -125,13 +139,91 @@ def require_optuna_file(layout: SweepLayout) -> None:
         )
 
 
-def sweep_status(name: str, storage: str | Path = "./sweeps") -> str:
+def sweep_status(name: str, storage: str | Path = "./sweeps", *, fix: bool = False) -> str:
+    """The status table; `fix`: first close the stale RUNNING records (close_stale)."""
     opened = open_sweep(name, storage)
     spec, state = opened.spec, opened.state
     require_optuna_file(opened.layout)
+    fixed = []
+    if fix:
+        runs, trials = close_stale(opened)
+        fixed.append(
+            f"closed {len(runs)} stale MLflow runs (KILLED) and {len(trials)} Optuna trials "
+            f"(FAIL) left RUNNING by a driver that is gone; `sweep resume {name}` still "
+            "finishes them"
+        )
 
     def tracker() -> Tracker:
-        return Tracker(state["mlflow_tracking_uri"], state["experiment"])
+        return Tracker.of_state(state)
 
     mlflow = f"MLflow: {redact(state['mlflow_tracking_uri'])} experiment {state['experiment']}"
-    return status_table(spec, opened.layout, tracker, mlflow=mlflow)
+    return "\n".join([*fixed, status_table(spec, opened.layout, tracker, mlflow=mlflow)])
+
+
+class SweepRunning(Exception):
+    """The sweep's driver may still run: its records are live, not stale."""
+
+
+def driver_started(store: Store) -> None:
+    """Record this process as the sweep's driver (driver.json)."""
+    mark = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    store.write(json.dumps(mark).encode(), DRIVER)
+
+
+def driver_ended(store: Store) -> None:
+    """The driver ends (finished or interrupted): nothing of the sweep runs any more."""
+    mark = {"host": socket.gethostname(), "pid": None, "ended": time.time()}
+    store.write(json.dumps(mark).encode(), DRIVER)
+
+
+def running_driver(store: Store) -> str | None:
+    """The driver that may still run the sweep, in words; None when none does."""
+    raw = store.read(DRIVER)
+    try:
+        mark = json.loads(raw) if raw else {}
+    except ValueError:  # a driver killed mid-write (Store.write is atomic, so: another writer)
+        return f"unknown ({store.location(DRIVER)} is unreadable)"
+    pid, host = mark.get("pid"), mark.get("host")
+    if not pid:
+        return None
+    if host != socket.gethostname():
+        return f"pid {pid} on {host} (it cannot be checked from here)"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return f"pid {pid} on this machine"
+
+
+def close_stale(opened: OpenedSweep, *, optuna_too: bool = True) -> tuple[list[str], list[str]]:
+    """Close what a dead driver left RUNNING: the sweep's MLflow runs (KILLED) and, with
+    `optuna_too`, its Optuna trials (FAIL, user attr `closed_because`). Only this sweep's (its
+    id). Returns (run ids, `cell#number` of trials); SweepRunning if its driver may run."""
+    store, spec = opened.layout.store(), opened.spec
+    who = running_driver(store)
+    if who is not None:
+        raise SweepRunning(
+            f"sweep {spec.name!r} may still be running (driver {who}); stop it first. If it "
+            f"is not running, delete {store.location(DRIVER)} and try again"
+        )
+    reason = "driver gone"
+    runs = Tracker.of_state(opened.state).close_running(spec.name, "KILLED", reason, parent=True)
+    trials: list[str] = []
+    if not optuna_too:
+        return runs, trials
+    storage = optuna.storages.RDBStorage(opened.layout.optuna_url, skip_table_creation=True)
+    for cell, found in cell_trials(spec, opened.layout, create=False).items():
+        stale = [t for t in found if t.state == optuna.trial.TrialState.RUNNING]
+        if not stale:
+            continue
+        name = opened.layout.study_name(cell)
+        study = optuna.load_study(study_name=name, storage=storage)
+        study_id = storage.get_study_id_from_name(name)
+        for t in stale:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "closed_because", reason)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            trials.append(f"{cell}#{t.number}")
+    return runs, trials

@@ -8,11 +8,14 @@ trial's checkpoint so a restored trial continues the same run (Ray's MLflowLogge
 open a new one; DESIGN §3.7).
 
 Tags mean the same on every kind of run: `kind` (sweep | student | teacher), `sweep` (the sweep's
-name), `teacher_loss` (a teacher-loss label as it appears in cell keys: the cell's on a student
+name), `sweep_id` (the sweep's identity, state.json's: a name reused after its folder was deleted
+is another sweep, in the same experiment), `teacher_loss` (a teacher-loss label as it appears in cell keys: the cell's on a student
 run, the teacher's own on a teacher run; the registered loss name is the teacher run's param
 `loss`), `method`, `train_attack`, `cell`, `config_key`, `optuna_trial`, `repeat` (students);
 `create_token` on every run (start_run finds a run it created before a lost answer by it).
-Every query of "the runs of this sweep" is `Tracker.sweep_runs`, paged: no cap on the count.
+Every query of "the runs of this sweep" is `Tracker.sweep_runs`, paged: no cap on the count. A
+tracker made for a sweep (`sweep_id`) tags every run it starts with the id and selects by it;
+sweeps made before ids existed (no `sweep_id` in state.json) are selected by name, as then.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class Tracker:
         artifact_root: str | None = None,
         *,
         wait_first: bool = True,
+        sweep_id: str | None = None,
     ) -> None:
         """`wait_first=False`: a store unreachable at this first contact is an error (a new
         sweep checks its store so); after it, and always with the default, outages are waited
@@ -123,14 +127,22 @@ class Tracker:
         self.experiment_id = self._experiment(experiment, artifact_root)
         if not wait_first:
             self.client = patient_client(tracking_uri)
+        self.sweep_id = sweep_id  # None: a sweep from before ids, selected by its name only
+
+    @classmethod
+    def of_state(cls, state: dict[str, Any]) -> Tracker:
+        """The tracker of an opened sweep (its state.json), selecting its runs by its id."""
+        return cls(
+            state["mlflow_tracking_uri"], state["experiment"], sweep_id=state.get("sweep_id")
+        )
 
     @classmethod
     def for_run(cls, tracking_uri: str, run_id: str) -> tuple[Tracker, Any]:
-        """The tracker of the experiment that holds `run_id`, and the run."""
+        """The tracker of the sweep that holds `run_id` (its experiment and id), and the run."""
         client = patient_client(mlflow_client_uri(tracking_uri))
         run = client.get_run(run_id)
         name = client.get_experiment(run.info.experiment_id).name
-        return cls(tracking_uri, name), run
+        return cls(tracking_uri, name, sweep_id=run.data.tags.get("sweep_id")), run
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -159,6 +171,8 @@ class Tracker:
         retry first looks for the run by this call's `create_token` tag."""
         token = uuid.uuid4().hex
         all_tags = {**(tags or {}), CREATE_TOKEN: token}
+        if self.sweep_id:
+            all_tags["sweep_id"] = self.sweep_id
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         raw = MlflowClient(self.uri)  # retried here as a whole: find, then create
@@ -218,14 +232,14 @@ class Tracker:
         self.set_tags(run_id, tags)
         return status
 
-    def close_running(self, sweep: str, status: str, reason: str) -> list[str]:
-        """Set every still-RUNNING student or refit run of `sweep` to `status` (KILLED when the sweep
-        was interrupted, so the UI does not show runs as live that nothing is running)."""
-        runs = [
-            r
-            for kind in ("student", "refit")
-            for r in self.sweep_runs(sweep, kind, status="RUNNING")
-        ]
+    def close_running(
+        self, sweep: str, status: str, reason: str, *, parent: bool = False
+    ) -> list[str]:
+        """Set every still-RUNNING student or refit run of `sweep` (this tracker's sweep id: never
+        another sweep's) to `status` (KILLED when the sweep was interrupted, so the UI does not
+        show runs as live that nothing is running); `parent`: its sweep run too."""
+        kinds = ("student", "refit", "sweep") if parent else ("student", "refit")
+        runs = [r for kind in kinds for r in self.sweep_runs(sweep, kind, status="RUNNING")]
         for r in runs:
             self.set_tags(r.info.run_id, {"stopped_because": reason})
             self.finish(r.info.run_id, status)
@@ -328,9 +342,12 @@ class Tracker:
         repeats: bool = False,
         where: str = "",
     ) -> list[Any]:
-        """The runs of sweep `sweep`: all of them, or of one `kind` (sweep, student, teacher),
-        only those in `status`, only seed repeats, or matching a further MLflow filter."""
+        """The runs of sweep `sweep` (and of this tracker's sweep id, when it has one): all of
+        them, or of one `kind` (sweep, student, teacher), only those in `status`, only seed
+        repeats, or matching a further MLflow filter."""
         terms = [f"tags.sweep = '{sweep}'"]
+        if self.sweep_id:  # the name alone may be a deleted sweep's too
+            terms.append(f"tags.sweep_id = '{self.sweep_id}'")
         if kind:
             terms.append(f"tags.kind = '{kind}'")
         if status:

@@ -9,16 +9,27 @@ metric step is logged twice, and trials that had finished were not trained again
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import optuna
 import torch
 import yaml
-from conftest import start_sweep_cli, stop_group, sweep_cli, tiny_spec_dict, wait_until
+from conftest import (
+    SWEEP,
+    cli_env,
+    start_sweep_cli,
+    stop_group,
+    sweep_cli,
+    sweep_ok,
+    tiny_spec_dict,
+    wait_until,
+)
 
 from sweep.config import TrialConfig
 from sweep.tracking import Tracker
@@ -107,8 +118,9 @@ class Books:
         }
 
 
-def _check_complete(books: Books, total: int) -> None:
-    """Every trial FINISHED exactly once and the three records agree."""
+def _check_complete(books: Books, total: int, replaced: int = 0) -> None:
+    """Every trial FINISHED exactly once and the three records agree. `replaced`: FAIL Optuna
+    trials that were resumed to their end, each with its COMPLETE replacement (search.py)."""
     tune_trials = books.tune_trials()
     assert len(tune_trials) == total
     assert Counter(t["status"] for t in tune_trials) == {"TERMINATED": total}
@@ -121,8 +133,11 @@ def _check_complete(books: Books, total: int) -> None:
     assert Counter(r.data.tags["config_key"] for r in runs) == keys
 
     trials = books.optuna_trials()
-    assert len(trials) == total
+    assert len(trials) == total + replaced
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == total  # Optuna COMPLETE == MLflow FINISHED
+    assert sum("replaces" in t.user_attrs for t in trials) == replaced
 
     client = books.tracker().client
     for r in runs:
@@ -281,3 +296,81 @@ def test_a_trial_that_diverges_fails_with_reason_diverged_and_the_others_finish(
     statuses = Counter(t["status"] for t in books.tune_trials())
     assert statuses == {"TERMINATED": 2, "ERROR": 2}
     assert "sweep nan finished: 4 trials, 2 failed" in proc.stdout
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listening(pid: int) -> list[tuple[str, str, int]]:
+    """(process, address, port) of every listening TCP socket of `pid` and its descendants."""
+    try:
+        psutil = importlib.import_module("psutil")
+    except ImportError:  # Ray ships it on its own path, added when Ray is imported
+        importlib.import_module("ray")
+        psutil = importlib.import_module("psutil")
+    root = psutil.Process(pid)
+    out = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            name = p.name()
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out += [(name, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+def test_sigterm_stops_like_ctrl_c_and_resume_finishes_an_errored_trial_too(tmp_path):
+    """SIGTERM (`ray job stop`, Kubernetes) to the driver of a sweep started from a clean
+    environment: while it runs, every socket of its process tree listens on loopback only
+    (issue 19 item 1); a worker killed with no retries left makes its trial ERROR (Optuna FAIL,
+    MLflow FAILED); SIGTERM then stops the sweep as Ctrl-C does (exit 130, no MLflow run left
+    RUNNING); `sweep resume` finishes every trial once, the errored one included, and Optuna,
+    MLflow and `sweep status` agree (item 9: Optuna COMPLETE == MLflow FINISHED)."""
+    name = "term"
+    spec = _spec(tmp_path, name, resources={"cpus_per_trial": 1, "max_failures": 0})
+    books = Books(tmp_path, name)
+    log = tmp_path / "run.log"
+    env = cli_env()
+    del env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]  # as a user's shell: cli.main must set it
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*SWEEP, "run", str(spec)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        run_id, pid = wait_until("a trial mid-way", lambda: _trial_pid(books), proc, log)
+        sockets = _listening(proc.pid)
+        assert {n for n, _, _ in sockets} >= {"gcs_server", "raylet"}, sockets
+        assert [s for s in sockets if s[1] not in LOOPBACK] == []
+        os.kill(pid, signal.SIGKILL)  # max_failures 0: the trial errors for good
+        wait_until(
+            "the killed trial failed and another runs",
+            lambda: books.runs("FAILED") and books.runs("RUNNING"),
+            proc,
+            log,
+        )
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        stop_group(proc)
+    first = log.read_text()
+    assert rc == 130, first[-5000:]  # as Ctrl-C
+    assert f"resume with: sweep resume {name}" in first
+    assert not books.runs("RUNNING") and books.runs("KILLED"), first[-3000:]
+    assert [r.info.status for r in books.tracker().sweep_runs(name, "sweep")] == ["KILLED"]
+    (failed,) = books.runs("FAILED")
+    assert failed.info.run_id == run_id and failed.data.tags["failure_reason"] == "worker_lost"
+    states = Counter(t.state.name for t in books.optuna_trials())
+    assert states["FAIL"] == 1
+
+    _resume(tmp_path, name)
+    _check_complete(books, total=4, replaced=1)
+    assert books.tracker().client.get_run(run_id).info.status == "FINISHED"
+    status = sweep_ok(tmp_path, "status", name, "--storage", str(tmp_path / "sweeps"))
+    rows = [x.split() for x in status.splitlines() if x.startswith("ce.")]
+    assert [(r[1], r[4], r[5]) for r in rows] == [("2", "0", "0")] * 2, status  # done failed todo

@@ -35,7 +35,7 @@ def read_sweep(name: str, storage: str | Path) -> SweepData:
     Optuna studies; FileNotFoundError if there is no such sweep."""
     opened = open_sweep(name, storage)
     state, spec = opened.state, opened.spec
-    tracker = Tracker(state["mlflow_tracking_uri"], state["experiment"])
+    tracker = Tracker.of_state(state)
     runs = tracker.sweep_runs(name)
     return SweepData(
         name=name,
