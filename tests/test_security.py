@@ -282,7 +282,7 @@ def test_an_experiment_name_never_becomes_an_artifact_root(tmp_path, mlflow_db):
     d = tiny_spec_dict(tmp_path)
     d["storage"]["mlflow_experiment"] = str(tmp_path / "etc" / "cron.d")
     d["storage"]["mlflow_tracking_uri"] = f"sqlite:///{mlflow_db}"
-    uri, experiment, tracker = sweep_tracker(parse_spec(d))
+    uri, experiment, tracker = sweep_tracker(parse_spec(d), "id0")
     root = tracker.client.get_experiment(tracker.experiment_id).artifact_location
     assert root == (mlflow_db.parent / "mlartifacts" / "tiny").as_uri()
     assert experiment == str(tmp_path / "etc" / "cron.d")
