@@ -183,14 +183,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from .final_eval import evaluate_sweep
     from .preflight import location_problem
 
     problem = location_problem(args.storage)
     if problem:
         return _fail(f"--storage: {problem}")
+    from pydantic import ValidationError
+
+    from .final_eval import evaluate_sweep  # MLflow: once the arguments are good
 
     try:
         done = evaluate_sweep(

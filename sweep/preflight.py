@@ -13,6 +13,7 @@ No Optuna or MLflow import: both are slow to import and neither has a connect ti
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -130,11 +131,12 @@ def location_problem(location: str) -> str | None:
         return None
     bucket = absolute(location).split("://", 1)[1].split("/", 1)[0]
     try:
-        if scheme == "s3":  # the SDK's default retries a dead endpoint for a minute or more
+        if scheme == "s3":  # from_uri's client retries a dead endpoint for seconds on end
             fs: pafs.FileSystem = pafs.S3FileSystem(
                 connect_timeout=TIMEOUT_S,
                 request_timeout=TIMEOUT_S,
                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+                **_s3_endpoint(),
             )
         else:
             fs = pafs.FileSystem.from_uri(location)[0]
@@ -144,6 +146,16 @@ def location_problem(location: str) -> str | None:
     if not found:
         return f"{location!r}: bucket {bucket!r} does not exist; allowed: an existing bucket"
     return None
+
+
+def _s3_endpoint() -> dict[str, str]:
+    """The endpoint the environment names (as pyarrow's from_uri and the AWS SDK read it: a
+    MinIO, a moto, a cluster's own S3), as S3FileSystem's arguments."""
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not url or "://" not in url:
+        return {}
+    scheme, host = url.split("://", 1)
+    return {"scheme": scheme, "endpoint_override": host.rstrip("/")}
 
 
 def data_problem(spec: SweepSpec) -> str | None:

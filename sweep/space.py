@@ -15,6 +15,18 @@ import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic.fields import FieldInfo
 
+# Seeds: Optuna's samplers seed numpy's RandomState, which takes 0 <= seed < 2**32, with
+# `seed * 1000 + cell position` (samplers.make_sampler); trials, repeats and ensemble members
+# add small offsets. 4,000,000 leaves room for 294,967 cells.
+SEED_MAX = 4_000_000
+# Caps of the sweep file's sizes: generous for research, while a typo (an extra 000) is refused
+# rather than run for a year.
+MAX_TRIALS = 10_000  # budget.trials_per_cell
+MAX_EPOCHS = 10_000  # budget.epochs, teacher and fine-tune epochs
+MAX_STEPS = 10_000  # attack steps (training and evaluation)
+MAX_BATCH = 65_536  # every batch size
+MAX_REPEATS = 1_000  # seed repeats, attack restarts
+
 
 class StrictModel(BaseModel):
     """A pydantic model that rejects unknown keys, naming the allowed ones (typos like

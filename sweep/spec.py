@@ -23,7 +23,20 @@ from .data import DATASETS
 from .evaluate import EVAL_ATTACKS, evaluation_attack_names
 from .methods import METHODS
 from .models import MODELS
-from .space import Domain, ParamValue, StrictModel, contains, describe, is_searched
+from .space import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_REPEATS,
+    MAX_STEPS,
+    MAX_TRIALS,
+    SEED_MAX,
+    Domain,
+    ParamValue,
+    StrictModel,
+    contains,
+    describe,
+    is_searched,
+)
 from .store import URI_SCHEMES, is_remote
 from .teacher_defs import (
     MissingTeacher,
@@ -40,17 +53,6 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
 # Their domains are the bounds of the optimiser's own fields (training.OptimSpec).
 TRAINING_DOMAIN = {k: Domain.of_field(OptimSpec.model_fields[k]) for k in TRAINING_PARAMS}
-
-# Seeds: Optuna's samplers seed numpy's RandomState, which takes 0 <= seed < 2**32, with
-# `seed * 1000 + cell position` (samplers.make_sampler); trials, repeats and ensemble members
-# add small offsets. 4,000,000 leaves room for 294,967 cells.
-SEED_MAX = 4_000_000
-# Caps: generous for research, and a typo (an extra 000) is refused, not run for a year.
-MAX_TRIALS = 10_000  # budget.trials_per_cell
-MAX_EPOCHS = 10_000  # budget.epochs, teacher epochs, fine-tune epochs
-MAX_STEPS = 10_000  # attack steps (training and evaluation)
-MAX_BATCH = 65_536  # every batch size
-MAX_REPEATS = 1_000
 # Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
 TUNABLE_METRICS = {
     "val/clean_acc": "max",
