@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_serializer, model_validator
 
 from .attacks import ATTACKS, param_problem
-from .space import StrictModel
+from .space import MAX_STEPS, StrictModel
 from .training import TrainAttack
 
 _EXAMPLE = "train_attack: {pgd: {steps: 10, step_size: 0.00784}, mifgsm: {params: {decay: 1.0}}}"
@@ -39,7 +39,7 @@ _EXAMPLE = "train_attack: {pgd: {steps: 10, step_size: 0.00784}, mifgsm: {params
 class AttackSettings(StrictModel):
     """What the file may set for one training attack; None keeps the attack's training default."""
 
-    steps: int | None = Field(None, gt=0, description="iterative attacks only")
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="iterative attacks only")
     step_size: float | None = Field(None, gt=0, le=1, description="default: the attack's rule")
     # checked against the attack's declaration (attacks.param_problem), which rejects booleans
     params: dict[str, Any] = Field(default_factory=dict)
@@ -138,6 +138,8 @@ def _settings(attacks: dict[str, Any]) -> dict[str, AttackSettings]:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             msg = str(first["msg"]).removeprefix("Value error, ")
+            if first["type"] != "value_error" and "input" in first:
+                msg += f" (got {first['input']!r})"
             raise ValueError(f"{name}{'.' + where if where else ''}: {msg}") from None
         _check_against(name, s)
         out[name] = s

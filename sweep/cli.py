@@ -128,7 +128,10 @@ def checkpoint_problems(spec: Any) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .preflight import check
+
     spec = _load(args.file)
+    check(spec, args.file)  # stores and data reachable, as `sweep run` checks before Ray starts
     print(plan(spec))
     for p in checkpoint_problems(spec):  # the file may live on the cluster only: a note here
         print(f"note: {p}; `sweep run` refuses to start until it is there and pinned")
@@ -184,9 +187,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .preflight import location_problem
+
+    problem = location_problem(args.storage)
+    if problem:
+        return _fail(f"--storage: {problem}")
     from pydantic import ValidationError
 
-    from .final_eval import evaluate_sweep
+    from .final_eval import evaluate_sweep  # MLflow: once the arguments are good
 
     try:
         done = evaluate_sweep(
@@ -335,6 +343,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (`--top 0` evaluates nothing, `--top -1` all but
+    the worst run: both refused, with status 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number; allowed: 1 or more"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}; allowed: 1 or more")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -376,10 +398,12 @@ def parser() -> argparse.ArgumentParser:
         "evaluate", help="full test-set suite for the best trials of each cell, into their runs"
     )
     e.add_argument("name")
-    e.add_argument("--top", type=int, default=1, help="trials per cell, by the sweep's objective")
+    e.add_argument(
+        "--top", type=_positive, default=1, help="trials per cell, by the sweep's objective"
+    )
     e.add_argument("--storage", default=DEFAULT_STORAGE, help=STORAGE_HELP)
     e.add_argument("--attacks", nargs="+", help="e.g. pgd50 cw_inf30 (default: the file's suite)")
-    e.add_argument("--examples", type=int, help="test examples (default: all)")
+    e.add_argument("--examples", type=_positive, help="test examples (default: all)")
     e.add_argument("--force", action="store_true", help="re-evaluate runs already evaluated")
     e.set_defaults(fn=cmd_evaluate)
     d = sub.add_parser(

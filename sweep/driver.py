@@ -25,7 +25,7 @@ import torch
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from . import selection
+from . import preflight, selection
 from .checkpoints import FAILED, STOPPED
 from .config import TrialConfig
 from .console import DONE, SweepConsole, duration, is_terminal
@@ -552,6 +552,7 @@ def sweep_tracker(spec: SweepSpec, sweep_id: str) -> tuple[str, str, Tracker]:
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> bool:
     """Run a whole sweep; True when every trial ended, False when it was interrupted."""
+    preflight.check(spec)  # stores and data reachable, before Ray starts (raises SpecError)
     layout = SweepLayout.of(spec)
     store = layout.store()
     if store.exists("tune"):

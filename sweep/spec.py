@@ -24,7 +24,20 @@ from .data import DATASETS
 from .evaluate import EVAL_ATTACKS, evaluation_attack_names
 from .methods import METHODS
 from .models import MODELS
-from .space import ParamValue, StrictModel, contains, describe, is_searched
+from .space import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_REPEATS,
+    MAX_STEPS,
+    MAX_TRIALS,
+    SEED_MAX,
+    Domain,
+    ParamValue,
+    StrictModel,
+    contains,
+    describe,
+    is_searched,
+)
 from .store import URI_SCHEMES, is_remote
 from .teacher_defs import (
     MissingTeacher,
@@ -39,6 +52,8 @@ from .training import OptimSpec
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Hyperparameters of the optimiser that any cell may search, beside each method's own.
 TRAINING_PARAMS = ("lr", "momentum", "weight_decay")
+# Their domains are the bounds of the optimiser's own fields (training.OptimSpec).
+TRAINING_DOMAIN = {k: Domain.of_field(OptimSpec.model_fields[k]) for k in TRAINING_PARAMS}
 # Metrics a trial reports each epoch: the only ones Optuna and ASHA may see (DESIGN §3.3).
 TUNABLE_METRICS = {
     "val/clean_acc": "max",
@@ -66,7 +81,7 @@ class DatasetSpec(StrictModel):
     download: bool = False
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="bundled datasets only")
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description=f"0 to {SEED_MAX:,}")
     augment: bool = True
     strong_augment: Literal["none", "autoaugment"] = Field(
         "none", description="AutoAugment on training batches, after crop/flip"
@@ -92,9 +107,9 @@ class StudentSpec(_ArchSpec):
 
 
 class TeacherSpec(_ArchSpec):
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
     optim: OptimSpec = OptimSpec()
-    seed: int | None = Field(None, description="defaults to the sweep's seed")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="defaults to the sweep's seed")
 
 
 class GridSpec(StrictModel):
@@ -136,9 +151,11 @@ class AttackRun(StrictModel):
     (`autoattack` = AutoAttack standard, `autoattack_apgd` = its APGD-CE + APGD-T subset)."""
 
     name: str
-    steps: int = Field(10, gt=0)
+    steps: int = Field(10, gt=0, le=MAX_STEPS)
     step_size: float | None = Field(None, gt=0, le=1)
-    restarts: int = Field(1, ge=1, description="robust only if robust under every restart")
+    restarts: int = Field(
+        1, ge=1, le=MAX_REPEATS, description="robust only if robust under every restart"
+    )
     eps: float | None = Field(None, ge=0, description="default: threat.eps")
     norm: Literal["linf", "l2"] | None = Field(None, description="default: threat.norm")
     version: Literal["standard", "apgd"] = Field("standard", description="autoattack only")
@@ -196,14 +213,15 @@ class AttackRun(StrictModel):
 
 class EvaluationSpec(StrictModel):
     attacks: list[AttackRun] = Field(
-        default_factory=lambda: [AttackRun.model_validate(a) for a in ("fgsm", "pgd20")]
+        default_factory=lambda: [AttackRun.model_validate(a) for a in ("fgsm", "pgd20")],
+        min_length=1,
     )
     val_attack: AttackRun = Field(default_factory=lambda: AttackRun.model_validate("pgd10"))
     val_examples: int | None = Field(
         1000, gt=0, description="validation subset per epoch; null = all"
     )
     test_examples: int | None = Field(None, gt=0, description="null = the whole test split")
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0, le=MAX_BATCH)
 
 
 class Objective(StrictModel):
@@ -221,8 +239,8 @@ class Objective(StrictModel):
 
 
 class BudgetSpec(StrictModel):
-    trials_per_cell: int = Field(8, gt=0)
-    epochs: int = Field(10, gt=0)
+    trials_per_cell: int = Field(8, gt=0, le=MAX_TRIALS)
+    epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
     early_stopping: bool = Field(
         True, description="ASHA inside each cell; false = every trial trains every epoch"
     )
@@ -302,7 +320,9 @@ class ComputeSpec(StrictModel):
 
 
 class StorageSpec(StrictModel):
-    path: str = Field("./sweeps", description="Tune results, checkpoints, teacher cache")
+    path: str = Field(
+        "./sweeps", min_length=1, description="Tune results, checkpoints, teacher cache"
+    )
     teachers: str | None = Field(
         None,
         description="teacher cache, shared by sweeps: a folder or a pyarrow URI (s3://, gs://, "
@@ -399,7 +419,7 @@ class ChooseSpec(StrictModel):
 
 class SweepSpec(StrictModel):
     name: str = Field(pattern=NAME_RE)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description=f"0 to {SEED_MAX:,}")
     dataset: DatasetSpec = DatasetSpec()
     student: StudentSpec = StudentSpec()
     teacher: TeacherSpec = TeacherSpec()
@@ -417,6 +437,7 @@ class SweepSpec(StrictModel):
     repeats: int = Field(
         0,
         ge=0,
+        le=MAX_REPEATS,
         description="re-run each cell's best configuration (by the validation objective) with "
         "this many new seeds once the cell's tuning has ended, for mean ± std in the report",
     )
@@ -467,6 +488,8 @@ class SweepSpec(StrictModel):
                         f"method_search_space.{mname}.{key}: not a hyperparameter of {mname}; "
                         f"allowed: {', '.join(sorted(allowed))}"
                     )
+        self._check_domains(methods)
+        self._check_batches()
         self._check_teachers(methods)
         self._check_norms()
         self._check_objectives()
@@ -477,6 +500,41 @@ class SweepSpec(StrictModel):
                     f"but grid.train_attack is only 'none'; add fgsm or pgd"
                 )
         return self
+
+    def _check_domains(self, methods: list[Any]) -> None:
+        """Each search range, choice and fixed value of the file inside the domain of the
+        hyperparameter it sets (Method.domain, TRAINING_DOMAIN), for every method it applies to."""
+        entries = [(f"search_space.{k}", k, v, methods) for k, v in self.search_space.items()]
+        for mname, space in self.method_search_space.items():
+            entries += [
+                (f"method_search_space.{mname}.{k}", k, v, [METHODS.get(mname)])
+                for k, v in space.items()
+            ]
+        for where, key, value, applies in entries:
+            for m in applies:
+                if key in TRAINING_DOMAIN:
+                    domain, whose = TRAINING_DOMAIN[key], "the optimiser's"
+                elif key in m.space:
+                    domain, whose = m.domain[key], f"{m.name}'s"
+                else:
+                    continue
+                problem = domain.check_param(value)
+                if problem:
+                    raise ValueError(
+                        f"{where}: {problem} of {whose} {key}; allowed: {domain.allowed()}"
+                    )
+
+    def _check_batches(self) -> None:
+        """The optimiser's batch sizes (training.OptimSpec) under MAX_BATCH."""
+        for where, optim in (
+            ("student.optim", self.student.optim),
+            ("teacher.optim", self.teacher.optim),
+        ):
+            if optim.batch_size > MAX_BATCH:
+                raise ValueError(
+                    f"{where}.batch_size: {optim.batch_size} is over the cap; allowed: 1 to "
+                    f"{MAX_BATCH:,}"
+                )
 
     def _check_objectives(self) -> None:
         metrics = [o.metric for o in self.objectives]
@@ -733,7 +791,8 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
             field = f"{field}.{m.group(1)}" if field else m.group(1)
             msg = m.group(2)
         if e["type"] not in ("missing", "value_error", "assertion_error") and "input" in e:
-            msg += f" (got {e['input']!r})"
+            given = repr(e["input"])
+            msg += f" (got {given if len(given) <= 200 else given[:200] + '...'})"
         out.append((field, msg))
     return out
 
@@ -773,19 +832,101 @@ def apply_storage_env(data: dict[str, Any], environ: dict[str, str] | None = Non
     return changed
 
 
+# What a sweep file may be: a few KB in practice. The caps stop a hostile or broken file (a YAML
+# alias bomb expands exponentially) before anything builds, validates or prints the expansion.
+MAX_FILE_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # values once aliases are expanded
+
+
+def _check_nodes(root: yaml.Node, file: str) -> None:
+    """Duplicate keys (YAML's last-one-wins would silently drop a block) and the expanded size,
+    on the composed node graph: each distinct node is visited once, so an alias bomb costs as
+    much as its text, while its expanded size is summed exactly."""
+    size: dict[int, int] = {}
+
+    def walk(node: yaml.Node, where: str) -> int:
+        if id(node) in size:
+            return size[id(node)]
+        size[id(node)] = MAX_YAML_NODES + 1  # a node met again while in it: a cycle
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                if key is not None and k.tag != "tag:yaml.org,2002:merge":
+                    line = k.start_mark.line + 1
+                    if key in seen:
+                        raise SpecError(
+                            file,
+                            [
+                                (
+                                    where,
+                                    f"duplicate key {key!r} (lines {seen[key]} and {line}); "
+                                    "allowed: each key once",
+                                )
+                            ],
+                        )
+                    seen[key] = line
+                child = f"{where}.{key}" if where else str(key)
+                total += walk(k, child) + walk(v, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                total += walk(v, f"{where}[{i}]")
+        if total > MAX_YAML_NODES:
+            raise SpecError(
+                file,
+                [
+                    (
+                        where,
+                        f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases?); "
+                        f"allowed: at most {MAX_YAML_NODES:,}",
+                    )
+                ],
+            )
+        size[id(node)] = total
+        return total
+
+    walk(root, "")
+
+
+def read_yaml(raw: bytes, file: str) -> Any:
+    """The one loader of sweep files (and of the sweep.yaml a run stores): UTF-8, safe YAML,
+    no duplicate key, bounded size. Problems raise SpecError naming the file and, where there
+    is one, the field and line."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError(
+            file, [("", f"{len(raw):,} bytes; allowed: a sweep file of at most {MAX_FILE_BYTES:,}")]
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            file,
+            [("", f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}; allowed: UTF-8")],
+        ) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, file)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)[:200]
+        raise SpecError(file, [("", f"YAML does not parse: {where}{problem}")]) from None
+    finally:
+        loader.dispose()
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file; any problem raises SpecError naming file and field.
     Storage locations set in the environment (STORAGE_ENV) override the file's."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), [("", "no such file")])
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(str(path), [("", f"YAML does not parse: {where}{problem}")]) from None
+    data = read_yaml(path.read_bytes(), str(path))
     if isinstance(data, dict):
         for change in apply_storage_env(data):
             print(f"{path}: {change}", file=sys.stderr)

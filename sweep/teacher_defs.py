@@ -48,7 +48,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .checkpoint_formats import FORMATS
 from .models import MODELS
-from .space import StrictModel
+from .space import MAX_BATCH, MAX_EPOCHS, SEED_MAX, StrictModel
 from .teacher_losses import TEACHER_LOSSES
 from .training import OptimSpec
 
@@ -106,7 +106,11 @@ def _check_optim(optim: dict[str, Any]) -> None:
     unknown = sorted(set(optim) - set(allowed))
     if unknown:
         raise ValueError(f"unknown field {unknown}; allowed: {', '.join(allowed)}")
-    OptimSpec.model_validate(optim)
+    spec = OptimSpec.model_validate(optim)
+    if spec.batch_size > MAX_BATCH:
+        raise ValueError(
+            f"batch_size: {spec.batch_size} is over the cap; allowed: 1 to {MAX_BATCH:,}"
+        )
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ class FinetuneSpec(StrictModel):
     hence `start_from` here)."""
 
     start_from: TeacherEntry | None = None
-    epochs: int | None = Field(None, gt=0)
+    epochs: int | None = Field(None, gt=0, le=MAX_EPOCHS)
     optim: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -215,8 +219,8 @@ class TeacherEntry(StrictModel):
     params: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict)
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=,()-]*$")
     arch: str | None = None
-    epochs: int | None = Field(None, gt=0)
-    seed: int | None = None
+    epochs: int | None = Field(None, gt=0, le=MAX_EPOCHS)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     start: Start = "default"
     finetune: FinetuneSpec | None = None
     checkpoint: CheckpointSpec | None = None
@@ -371,8 +375,8 @@ class TeacherOverride(StrictModel):
     loss: str | None = None
     params: dict[str, Scalar] = Field(default_factory=dict)
     arch: str | None = None
-    epochs: int | None = Field(None, gt=0)
-    seed: int | None = None
+    epochs: int | None = Field(None, gt=0, le=MAX_EPOCHS)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     start: Start = "default"
     finetune: FinetuneSpec | None = None
     checkpoint: CheckpointSpec | None = None
@@ -404,7 +408,7 @@ FinetuneSpec.model_rebuild()
 
 
 class EnsembleSpec(StrictModel):
-    size: int | None = Field(None, ge=2, description="default 3; or give members")
+    size: int | None = Field(None, ge=2, le=100, description="default 3; or give members")
     members: list[TeacherOverride] | None = Field(None, min_length=2)
 
     @model_validator(mode="after")

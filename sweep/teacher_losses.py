@@ -27,6 +27,7 @@ from .cmi import class_centroids, floored_log, full_pass_centroids
 from .fidelity import UNDECLARED, Fidelity
 from .losses import trades_loss
 from .registry import Registry
+from .space import MAX_STEPS
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class LossParam:
             return f"must be {'an integer' if self.integer else 'a number'} (got {value!r})"
         if self.integer and not isinstance(value, int):
             return "must be an integer"
-        if math.isnan(value):
-            return "must be a number (got nan)"
+        if not math.isfinite(value):
+            return f"must be a finite number (got {value})"
         if self.low is not None and value < self.low:
             return f"must be >= {self.low} (got {value})"
         if self.high is not None and self.high_open and value >= self.high:
@@ -423,7 +424,7 @@ class _Adversarial(TeacherLoss):
     adversarial = True
     params = {
         "eps": LossParam(None, low=0.0, high=1.0, doc="L-inf radius; None = the sweep's eps"),
-        "steps": LossParam(10, low=1, integer=True, doc="attack steps"),
+        "steps": LossParam(10, low=1, high=MAX_STEPS, integer=True, doc="attack steps"),
         "step_size": LossParam(None, low=0.0, doc="None = 2.5 * eps / steps"),
     }
 

@@ -30,7 +30,7 @@ from ..attacks import AttackObjective
 from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import METHODS, Method
+from .base import METHODS, POSITIVE_TEMPERATURE, Method
 
 
 class StudentTeacher(nn.Module):
@@ -70,6 +70,7 @@ class AdvFunMatch(Method):
     needs_attack = True
     inner_max = "KL(teacher(x') || student(x')), both networks on x' (mismatched examples)"
     space = {"temperature": FloatParam(low=1.0, high=8.0)}
+    domain = {"temperature": POSITIVE_TEMPERATURE}
     paper_default = {"temperature": 1.0}  # the paper's objective is the plain KL
     fidelity = Fidelity(
         "paper-text",

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam, LogFloatParam
-from .base import METHODS, Method
+from .base import CONVEX_WEIGHT, METHODS, POSITIVE_TEMPERATURE, Method
 
 FIDELITY = Fidelity(
     "authors-code",
@@ -79,6 +79,7 @@ class ARD(Method):
         "temperature": LogFloatParam(low=1.0, high=30.0),
         "alpha": FloatParam(low=0.1, high=1.0),
     }
+    domain = {"temperature": POSITIVE_TEMPERATURE, "alpha": CONVEX_WEIGHT}
     paper_default = {"temperature": 30.0, "alpha": 1.0}
     fidelity = FIDELITY
 

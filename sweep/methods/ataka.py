@@ -62,7 +62,7 @@ from ..attacks import Ball, ce_objective, eval_mode, input_grad
 from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import METHODS, Method
+from .base import METHODS, POSITIVE_TEMPERATURE, Method
 
 
 def amalgamate(logits: list[torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +143,7 @@ class ATAKA(Method):
     inner_max = "SVGD on the student's cross-entropy: M particles with RBF kernel repulsion"
     n_particles: ClassVar[int] = 4
     space = {"temperature": FloatParam(low=1.0, high=10.0)}
+    domain = {"temperature": POSITIVE_TEMPERATURE}
     paper_default: ClassVar[dict[str, Any]] = {}  # temperature, M and steps not recovered
     fidelity = Fidelity(
         "reconstruction",

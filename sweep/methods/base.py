@@ -15,7 +15,7 @@ from ..attacks import AttackObjective, ce_objective
 from ..fidelity import UNDECLARED, Fidelity
 from ..models import forward_features
 from ..registry import Registry
-from ..space import FloatParam, SearchParam
+from ..space import Domain, FloatParam, SearchParam
 
 
 class Attack(Protocol):
@@ -58,6 +58,9 @@ class Method:
     # "penultimate" if loss() calls models.forward_features on the networks (GACD)
     features: ClassVar[str | None] = None
     space: ClassVar[dict[str, SearchParam]] = {}
+    # Where each hyperparameter of `space` makes sense at all (every key of `space` has one):
+    # the sweep file's ranges and fixed values are checked against it (spec.py).
+    domain: ClassVar[dict[str, Domain]] = {}
     # The paper's own setting of the searched hyperparameters (keys of `space`): each cell's
     # first trial runs it before tuning starts, and `sweep list` shows it beside the ranges.
     paper_default: ClassVar[dict[str, Any]] = {}
@@ -157,6 +160,10 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 TEMPERATURE = FloatParam(low=1.0, high=10.0)
 ALPHA = FloatParam(low=0.1, high=0.95)
+# Domains shared by several methods (Method.domain)
+POSITIVE_TEMPERATURE = Domain(low=0.0, low_open=True, doc="a softmax temperature")
+CONVEX_WEIGHT = Domain(low=0.0, high=1.0, doc="the weight of a convex mix of two losses")
+LOSS_WEIGHT = Domain(low=0.0, doc="a loss term's weight")
 
 
 # each teacher's parameters and buffers, collected once: walking the module tree costs ~0.5 ms

@@ -50,7 +50,7 @@ from torch import nn
 from ..attacks import Ball, eval_mode, input_grad
 from ..fidelity import Fidelity
 from ..space import LogFloatParam
-from .base import METHODS, Method
+from .base import LOSS_WEIGHT, METHODS, Method
 
 
 def output_directions(n: int, batch: int, classes: int, like: torch.Tensor) -> torch.Tensor:
@@ -114,6 +114,7 @@ class CAP(Method):
     inner_max = "N particles, each <softmax(S(x_n)), v_n> for its own random direction v_n"
     n_particles: ClassVar[int] = 4
     space = {"polytope_weight": LogFloatParam(low=0.5, high=50.0)}
+    domain = {"polytope_weight": LOSS_WEIGHT}
     paper_default: ClassVar[dict[str, Any]] = {}  # lambda and N not recovered
     fidelity = Fidelity(
         "reconstruction",

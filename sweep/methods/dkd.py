@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import METHODS, Method
+from .base import LOSS_WEIGHT, METHODS, POSITIVE_TEMPERATURE, Method
 
 
 def _split(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +67,7 @@ class DKD(Method):
         "alpha": FloatParam(low=0.5, high=2.0),
         "beta": FloatParam(low=1.0, high=10.0),
     }
+    domain = {"temperature": POSITIVE_TEMPERATURE, "alpha": LOSS_WEIGHT, "beta": LOSS_WEIGHT}
     # mdistiller engine/cfg.py: DKD.ALPHA 1.0, DKD.BETA 8.0, DKD.T 4.0 (CE weight 1.0)
     paper_default = {"temperature": 4.0, "alpha": 1.0, "beta": 8.0}
     fidelity = Fidelity(

@@ -63,7 +63,7 @@ from torch import nn
 from ..fidelity import Fidelity
 from ..models import forward_features
 from ..space import FloatParam, LogFloatParam
-from .base import METHODS, Method
+from .base import LOSS_WEIGHT, METHODS, POSITIVE_TEMPERATURE, Method
 
 EMBED_DIM = 128  # CRD's feat_dim
 N_NEGATIVES = 16384  # CRD's nce_k: negatives per anchor
@@ -219,6 +219,7 @@ class GACD(Method):
         "tau": LogFloatParam(low=0.05, high=1.0),
         "distill_weight": FloatParam(low=0.1, high=10.0),
     }
+    domain = {"tau": POSITIVE_TEMPERATURE, "distill_weight": LOSS_WEIGHT}
     # CRD's released defaults (nce_t 0.07; CRD loss weight beta 0.8 with CE weight 1), not
     # GACD's: the GACD paper's tau and lambda were not recovered (see fidelity)
     paper_default = {"tau": 0.07, "distill_weight": 0.8}

@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from ..fidelity import Fidelity
-from ..space import FloatParam, LogFloatParam
+from ..space import Domain, FloatParam, LogFloatParam
 from .ard import ard_loss
-from .base import METHODS, TEMPERATURE, Method
+from .base import CONVEX_WEIGHT, METHODS, POSITIVE_TEMPERATURE, TEMPERATURE, Method
 
 
 def teacher_trust(t_adv_logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -67,6 +67,12 @@ class IAD(Method):
         "alpha": FloatParam(low=0.5, high=1.0),
         "beta": LogFloatParam(low=0.01, high=1.0),
         "warmup_frac": FloatParam(low=0.0, high=0.5),
+    }
+    domain = {
+        "temperature": POSITIVE_TEMPERATURE,
+        "alpha": CONVEX_WEIGHT,
+        "beta": Domain(low=0.0, doc="the exponent of the teacher's trust"),
+        "warmup_frac": Domain(low=0.0, high=1.0, doc="a fraction of the epochs"),
     }
     # IAD-I.py's defaults: --temp 1, --alpha 1, --beta 0.1, --begin 60 of --epochs 200
     paper_default = {"temperature": 1.0, "alpha": 1.0, "beta": 0.1, "warmup_frac": 0.3}

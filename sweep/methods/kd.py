@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..fidelity import Fidelity
 from ..losses import soft_kl
-from .base import ALPHA, METHODS, TEMPERATURE, Method
+from .base import ALPHA, CONVEX_WEIGHT, METHODS, POSITIVE_TEMPERATURE, TEMPERATURE, Method
 
 
 @METHODS.register("kd")
@@ -24,6 +24,7 @@ class KD(Method):
     summary = "Hinton KD on x': alpha*T^2*KL(teacher||student) + (1-alpha)*CE"
     teacher_set = "one"
     space = {"temperature": TEMPERATURE, "alpha": ALPHA}
+    domain = {"temperature": POSITIVE_TEMPERATURE, "alpha": CONVEX_WEIGHT}
     paper_default = {"temperature": 4.0, "alpha": 0.9}  # mdistiller's KD setting (see above)
     fidelity = Fidelity(
         "paper-text",

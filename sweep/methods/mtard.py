@@ -41,8 +41,8 @@ import torch
 
 from ..fidelity import Fidelity
 from ..losses import soft_kl
-from ..space import FloatParam, LogFloatParam
-from .base import METHODS, Method
+from ..space import Domain, FloatParam, LogFloatParam
+from .base import METHODS, POSITIVE_TEMPERATURE, Method
 
 EXPONENT = 1.0  # b in the rule above ("bert" in the authors' code)
 # fractions of the run after which weight_lr is divided by 10 (215, 260, 285 of 300 epochs)
@@ -70,6 +70,10 @@ class MTARD(Method):
     space = {
         "temperature": FloatParam(low=1.0, high=10.0),
         "weight_lr": LogFloatParam(low=0.005, high=0.5),
+    }
+    domain = {
+        "temperature": POSITIVE_TEMPERATURE,
+        "weight_lr": Domain(low=0.0, low_open=True, doc="a learning rate"),
     }
     paper_default = {"temperature": 1.0, "weight_lr": 0.025}
     fidelity = Fidelity(

@@ -35,7 +35,7 @@ from ..attacks import AttackObjective, kl_objective
 from ..fidelity import Fidelity
 from ..losses import soft_kl
 from ..space import FloatParam
-from .base import METHODS, Method
+from .base import CONVEX_WEIGHT, METHODS, Method
 
 
 @METHODS.register("rslad")
@@ -45,6 +45,7 @@ class RSLAD(Method):
     needs_attack = True
     inner_max = "KL(T(x) || S(x')), the teacher's clean soft labels as target"
     space = {"adv_weight": FloatParam(low=0.5, high=0.95)}
+    domain = {"adv_weight": CONVEX_WEIGHT}
     paper_default = {"adv_weight": 5 / 6}
     fidelity = Fidelity(
         "authors-code",

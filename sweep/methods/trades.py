@@ -29,7 +29,7 @@ from ..attacks import AttackObjective, eval_mode, kl_objective
 from ..fidelity import Fidelity
 from ..losses import trades_loss
 from ..space import FloatParam
-from .base import METHODS, Attack, Method
+from .base import LOSS_WEIGHT, METHODS, Attack, Method
 
 # Standard deviation of the Gaussian offset the authors' inner search starts from.
 START_STD = 0.001
@@ -48,6 +48,7 @@ class TRADES(Method):
     needs_attack = True
     inner_max = "KL(S(x) || S(x')) of the student, S(x) fixed, from x + 0.001*N(0, 1)"
     space = {"beta": FloatParam(low=1.0, high=10.0)}
+    domain = {"beta": LOSS_WEIGHT}
     paper_default = {"beta": 6.0}
     fidelity = Fidelity(
         "authors-code",
