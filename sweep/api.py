@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from .context import get_splits, new_model
-from .spec import Cell, SweepSpec, parse_spec
+from .spec import Cell, SweepSpec, parse_spec, read_yaml
 from .teachers import TeacherCache, frozen, teacher_hash, teacher_identity
 from .tracking import Tracker
 
@@ -62,7 +61,8 @@ def load_run(
                 f"run {run_id} has no student.pt / sweep.yaml artifacts "
                 f"(status {run.info.status}: only finished trials have them)"
             ) from e
-        spec = parse_spec(yaml.safe_load(spec_file.read_text()), f"run {run_id}: sweep.yaml")
+        where = f"run {run_id}: sweep.yaml"
+        spec = parse_spec(read_yaml(spec_file.read_bytes(), where), where)
     device = torch.device(device)
     data = get_splits(spec, device)
     student = new_model(spec.student.arch, data, device)

@@ -154,7 +154,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if complete else EXIT_INTERRUPTED
 
 
+def _storage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with `--storage` (unknown scheme, missing bucket), before anything opens
+    it: the commands that open a sweep say it as an error, not a traceback."""
+    from .preflight import location_problem
+
+    problem = location_problem(args.storage)
+    return f"--storage: {problem}" if problem else None
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
+    if problem := _storage_problem(args):
+        return _fail(problem)
     from .driver import resume_sweep
     from .status import SweepRunning
 
@@ -166,6 +177,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if problem := _storage_problem(args):
+        return _fail(problem)
     from .report import write_report
 
     try:
@@ -177,21 +190,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if problem := _storage_problem(args):
+        return _fail(problem)
+    from sqlalchemy.exc import OperationalError
+
     from .status import SweepRunning, sweep_status
 
     try:
         print(sweep_status(args.name, args.storage, fix=args.fix))
     except (FileNotFoundError, SweepRunning) as e:
         return _fail(str(e))
+    except OperationalError as e:  # the sweep's Optuna database refuses us (not an outage)
+        return _fail(f"the sweep's Optuna storage: {str(e).splitlines()[0][:300]}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .preflight import location_problem
-
-    problem = location_problem(args.storage)
-    if problem:
-        return _fail(f"--storage: {problem}")
+    if problem := _storage_problem(args):
+        return _fail(problem)
     from pydantic import ValidationError
 
     from .final_eval import evaluate_sweep  # MLflow: once the arguments are good
@@ -214,6 +230,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    if problem := _storage_problem(args):
+        return _fail(problem)
     from .dashboard import DashboardError, dashboard
 
     try:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from .dashboard import redact
+from .credentials import redact
 from .data import DATASETS
 from .spec import SpecError, SweepSpec
 from .store import URI_SCHEMES, absolute, is_remote
