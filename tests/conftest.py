@@ -12,10 +12,13 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -238,3 +241,83 @@ class Recorder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.append(x.detach().clone())
         return self.inner(x)
+
+
+# --- servers on loopback: MLflow tracking, S3 (moto) ---------------------------------------------
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on loopback: SQLite backend, artifacts proxied into `tmp/artifacts`."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--workers", "1"]
+    cmd += ["--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts"]
+    with open(tmp / "server.log", "w") as log:
+        # its own process group: its workers are stopped with it
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_mlflow_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until the server at `url` answers /health (AssertionError if it exits or never does)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow server not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@contextmanager
+def moto_s3(log: Path, bucket: str) -> Iterator[tuple[dict[str, str], Any]]:
+    """moto's S3 server on loopback with `bucket` in it: the environment a cluster node would
+    have (endpoint and credentials) and a boto3 client; the server is stopped after."""
+    import boto3
+
+    port = free_port()
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_CREDENTIALS}
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+
+    def created() -> bool:
+        try:
+            client.create_bucket(Bucket=bucket)
+            return True
+        except Exception:
+            return False
+
+    try:
+        wait_until("moto's S3 server", created, server, log, timeout=30)
+        yield env, client
+    finally:
+        server.kill()
+        server.wait(timeout=10)

@@ -9,15 +9,12 @@ check is timed alone; one file runs as the real command, to show its status and 
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import sweep_cli, tiny_spec_dict, wait_until
+from conftest import moto_s3, sweep_cli, tiny_spec_dict
 
 from sweep.cli import main
 from sweep.spec import STORAGE_ENV, SpecError, parse_spec
@@ -147,42 +144,12 @@ def test_run_checks_the_stores_before_ray_starts(tmp_path, clean_env):
 @pytest.fixture
 def s3_endpoint(monkeypatch, tmp_path):
     """moto's S3 server on loopback (as tests/test_storage_s3.py) with one bucket."""
-    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("boto3")
     pytest.importorskip("moto")
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
-    log = tmp_path / "moto.log"
-    log.touch()
-    try:
-        wait_until("moto's S3 server", lambda: _created(client), server, log, timeout=30)
+    with moto_s3(tmp_path / "moto.log", "kdsweep-there") as (env, _client):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
         yield env
-    finally:
-        server.kill()
-        server.wait()
-
-
-def _created(client) -> bool:
-    try:
-        client.create_bucket(Bucket="kdsweep-there")
-        return True
-    except Exception:
-        return False
 
 
 def test_a_bucket_that_does_not_exist_is_refused(s3_endpoint, tmp_path, clean_env, capsys):
@@ -197,9 +164,3 @@ def test_a_bucket_that_does_not_exist_is_refused(s3_endpoint, tmp_path, clean_en
     assert time.perf_counter() - start < LIMIT_S
     err = capsys.readouterr().err
     assert "storage.path: 's3://kdsweep-nowhere/sweeps': bucket 'kdsweep-nowhere' does not " in err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

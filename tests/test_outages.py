@@ -26,19 +26,27 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import start_sweep_cli, stop_group, tiny_spec_dict, wait_until
+from conftest import (
+    free_port,
+    start_mlflow_server,
+    start_sweep_cli,
+    stop_group,
+    tiny_spec_dict,
+    wait_mlflow_healthy,
+    wait_until,
+)
 from mlflow.tracking import MlflowClient
-from test_report import _free_port, _start_server, _wait_healthy
 
-from sweep.patience import optuna_outage, optuna_storage, patiently, redact
+from sweep.credentials import redact
+from sweep.patience import optuna_outage, optuna_storage, patiently
 
 
 def test_an_mlflow_server_outage_past_the_clients_retries_is_waited_out(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    started = [_start_server(tmp_path, port)]
+    started = [start_mlflow_server(tmp_path, port)]
     try:
-        _wait_healthy(url, started[0], tmp_path / "server.log")
+        wait_mlflow_healthy(url, started[0], tmp_path / "server.log")
         MlflowClient(
             url
         ).search_experiments()  # its database is set up: the sweep's first call is quick

@@ -9,10 +9,7 @@ finished sweep and undone afterwards.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +20,15 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import start_sweep_cli, stop_group, sweep_cli, tiny_spec_dict
+from conftest import (
+    free_port,
+    start_mlflow_server,
+    start_sweep_cli,
+    stop_group,
+    sweep_cli,
+    tiny_spec_dict,
+    wait_mlflow_healthy,
+)
 from mlflow.tracking import MlflowClient
 
 from sweep.layout import SweepLayout, open_sweep, study_name
@@ -381,36 +386,6 @@ def test_seed_repeats_are_reported_as_one_configuration(finished):
 
 
 # --- against a real MLflow tracking server -----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"mlflow server not up after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _start_server(tmp: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on loopback: SQLite backend, artifacts proxied into `tmp/artifacts`."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--workers", "1"]
-    cmd += ["--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts"]
-    with open(tmp / "server.log", "w") as log:
-        # its own process group: its workers are stopped with it
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     """Both tiny sweeps: `rep` on a SQLite store in `local/`, then `srv` (kd with a ce teacher,
@@ -420,13 +395,13 @@ def sweeps(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     local, remote = root / "local", root / "server"
     remote.mkdir()
-    url = f"http://127.0.0.1:{_free_port()}"
-    started = [_start_server(remote, int(url.rsplit(":", 1)[1]))]
+    url = f"http://127.0.0.1:{free_port()}"
+    started = [start_mlflow_server(remote, int(url.rsplit(":", 1)[1]))]
     try:
         grid = {"teacher_loss": ["ce", "mse"], "method": ["kd"], "train_attack": ["none"]}
         started.append(_start_sweep(local, "rep", grid))
         _finish(started[1], local / "rep.log")
-        _wait_healthy(url, started[0], remote / "server.log")
+        wait_mlflow_healthy(url, started[0], remote / "server.log")
         grid = {"teacher_loss": ["ce"], "method": ["kd", "ce"], "train_attack": ["none"]}
         # with a password in the URI (MLflow's client sends it, this server ignores it): never
         # written nor printed (test_a_password_in_the_tracking_uri_is_never_written_or_printed)

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections import Counter
 
 import pytest
 import yaml
-from conftest import start_sweep_cli, stop_group, sweep_cli, tiny_spec_dict, wait_until
+from conftest import (
+    moto_s3,
+    start_sweep_cli,
+    stop_group,
+    sweep_cli,
+    tiny_spec_dict,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,50 +39,11 @@ BUCKET = "kdsweep-test"
 EPOCHS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """An S3 endpoint on loopback and the environment a cluster node would have."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"moto S3 server did not start:\n{log.read_text()}")
-            time.sleep(0.3)
-    yield env, client
-    server.kill()
-    server.wait(timeout=10)
+    with moto_s3(tmp_path_factory.mktemp("moto") / "moto.log", BUCKET) as (env, client):
+        yield env, client
 
 
 def _keys(client, prefix: str) -> list[str]:
