@@ -889,6 +889,19 @@ def _check_nodes(root: yaml.Node, file: str) -> None:
     walk(root, "")
 
 
+class _SweepLoader(yaml.SafeLoader):
+    """Safe YAML that reads `1e-3`, `5e-4` and `1.0e30` as the numbers YAML 1.2 (and every
+    researcher) says they are: PyYAML follows YAML 1.1, which needs a dot and a signed exponent
+    (`1.0e-3`), and would hand the strict spec a string."""
+
+
+_SweepLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def read_yaml(raw: bytes, file: str) -> Any:
     """The one loader of sweep files (and of the sweep.yaml a run stores): UTF-8, safe YAML,
     no duplicate key, bounded size. Problems raise SpecError naming the file and, where there
@@ -904,7 +917,7 @@ def read_yaml(raw: bytes, file: str) -> Any:
             file,
             [("", f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}; allowed: UTF-8")],
         ) from None
-    loader = yaml.SafeLoader(text)
+    loader = _SweepLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

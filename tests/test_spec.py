@@ -412,3 +412,18 @@ def test_a_training_attack_that_resolves_to_another_of_the_grid_runs_once(tmp_pa
     assert [(d.key, k.key) for d, k in same.same_cells()] == [("ce.kd.cw_inf", "ce.kd.pgd")]
     own = parse_spec(tiny_spec_dict(tmp_path, grid=grid, train_attack={"cw_inf": {"steps": 20}}))
     assert [c.key for c in own.cells()] == ["ce.kd.pgd", "ce.kd.cw_inf"] and not own.same_cells()
+
+
+def test_exponent_floats_in_a_sweep_file_are_numbers(tmp_path):
+    """`lr: 1e-3` is a number (YAML 1.2; PyYAML's 1.1 reads it as a string, which the strict
+    spec would refuse), and so are `5e-4` and `1.0e30`; text stays text."""
+    from sweep.spec import read_yaml
+
+    got = read_yaml(b"a: 1e-3\nb: 5e-4\nc: 1.0e30\nd: 3\ne: 1e\nf: abc\n", "x.yaml")
+    assert got == {"a": 0.001, "b": 0.0005, "c": 1e30, "d": 3, "e": "1e", "f": "abc"}
+    assert isinstance(got["d"], int)
+    d = yaml.safe_load(Path("search_spaces/quickstart.yaml").read_text())
+    d["student"].setdefault("optim", {})["lr"] = "LR"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(d).replace("lr: LR", "lr: 1e-3"))
+    assert load_spec(path).student.optim.lr == 0.001
