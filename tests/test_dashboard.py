@@ -41,7 +41,12 @@ def make_sweep(tmp: Path, optuna_url: str | None = None, studies: bool = True) -
     folder.mkdir(parents=True)
     (folder / "sweep.yaml").write_text(dump_spec(spec))
     url = optuna_url or f"sqlite:///{folder}/optuna.db"
-    state = {"mlflow_tracking_uri": "sqlite:///mlflow.db", "experiment": NAME, "optuna": url}
+    state = {
+        "mlflow_tracking_uri": "sqlite:///mlflow.db",
+        "experiment": NAME,
+        "parent_run_id": "0" * 32,  # never read by the dashboard, always written by a run
+        "optuna": url,
+    }
     (folder / "state.json").write_text(json.dumps(state))
     names = [study_name(NAME, c.key) for c in spec.cells()]
     if studies:
