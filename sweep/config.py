@@ -22,6 +22,13 @@ from typing import Any
 from .spec import Cell
 
 
+def cell_folder(cell: str) -> str:
+    """The folder of a cell's trials (TrialConfig.config_key): the key made safe for any
+    filesystem, then a short hash of the exact key, so distinct keys never share a folder."""
+    digest = hashlib.sha256(cell.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._=,-]', '_', cell)}-{digest}"
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     cell: str  # the cell's key: `<teacher_loss>.<method>.<train_attack>`
@@ -65,8 +72,7 @@ class TrialConfig:
         it). The cell key made safe for any filesystem, and, since that is not one-to-one
         (`mcmi(lambda=0.1)`, `mcmi_lambda=0.1_`; `CE`, `ce` on a case-insensitive disk), a
         short hash of the exact key (checkpoints.py reads a sweep named before it)."""
-        digest = hashlib.sha256(self.cell.encode()).hexdigest()[:8]
-        return f"{re.sub(r'[^A-Za-z0-9._=,-]', '_', self.cell)}-{digest}/{self.number}"
+        return f"{cell_folder(self.cell)}/{self.number}"
 
     @property
     def key(self) -> str:

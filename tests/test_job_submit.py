@@ -35,6 +35,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sweep.config import cell_folder
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,7 +389,7 @@ def test_the_documented_ray_job_submit_path_on_a_local_token_cluster(tmp_path, c
     # checkpoints under KDSWEEP_STORAGE, teachers under KDSWEEP_TEACHERS
     sweep_dir = shared / "sweeps" / SWEEP
     states = sorted(p.relative_to(sweep_dir) for p in sweep_dir.glob("trials/*/*/state.pt"))
-    assert [p.parts[1] for p in states] == [CELL] * TRIALS, (
+    assert [p.parts[1] for p in states] == [cell_folder(CELL)] * TRIALS, (
         f"no trial checkpoints under $KDSWEEP_STORAGE ({shared / 'sweeps'}): {states}"
     )
     assert (sweep_dir / "tune").is_dir()

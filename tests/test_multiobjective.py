@@ -17,6 +17,8 @@ import yaml
 from conftest import sweep_ok, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
+from sweep.config import cell_folder
+
 pytestmark = pytest.mark.integration
 
 CELLS = ("ce.kd.none", "mse.kd.none")
@@ -88,7 +90,7 @@ def test_every_trial_that_ended_is_told_to_the_sampler_with_its_values(swept):
     for cell, trials in studies.items():
         assert len(trials) == TRIALS
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)  # none PRUNED
-        folder = tmp / "sweeps" / "mo" / "trials" / cell
+        folder = tmp / "sweeps" / "mo" / "trials" / cell_folder(cell)
         stopped = {
             int(d.name)
             for d in folder.iterdir()
