@@ -66,6 +66,17 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     )
 
 
+def _pickled_ctx(ctx: SweepContext) -> SweepContext:
+    """What a callback pickled with Tune's run config (tune/tuner.pkl) may hold of the sweep's
+    context: its storage URLs without their passwords (a resumed sweep brings its own)."""
+    return replace(
+        ctx,
+        spec=redact_spec(ctx.spec),
+        layout=replace(ctx.layout, optuna_url=redact(ctx.layout.optuna_url)),
+        tracking_uri=redact(ctx.tracking_uri),
+    )
+
+
 class Progress(tune.Callback):
     """Tune's events, for the progress display (console.py) and for the bookkeeping they call
     for: a trial ASHA stopped is marked so a restart does not train it on; a trial that failed
@@ -79,13 +90,7 @@ class Progress(tune.Callback):
         # Tune pickles the run config, callbacks included, with the experiment (tune/tuner.pkl);
         # the display holds this terminal, and a resumed sweep brings its own (resume_sweep),
         # so the pickled one holds no storage URL with its password
-        ctx = self.ctx
-        ctx = replace(
-            ctx,
-            spec=redact_spec(ctx.spec),
-            layout=replace(ctx.layout, optuna_url=redact(ctx.layout.optuna_url)),
-            tracking_uri=redact(ctx.tracking_uri),
-        )
+        ctx = _pickled_ctx(self.ctx)
         return {**self.__dict__, "console": None, "ctx": ctx, "spec": ctx.spec}
 
     def _config(self, trial: Any) -> TrialConfig | None:
@@ -187,7 +192,7 @@ class TrialWatch(tune.Callback):
         self._trials: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the run config, as Progress
-        return {**self.__dict__, "console": None, "_trials": {}}
+        return {**self.__dict__, "console": None, "_trials": {}, "ctx": _pickled_ctx(self.ctx)}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.watch.started(trial.trial_id)

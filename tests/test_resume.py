@@ -31,7 +31,7 @@ from conftest import (
     wait_until,
 )
 
-from sweep.config import TrialConfig
+from sweep.config import TrialConfig, cell_folder
 from sweep.tracking import Tracker
 
 EPOCHS = 4
@@ -214,7 +214,7 @@ def test_sigkill_while_refitting_then_resume_finishes_the_refit_in_the_same_run(
         refit=True,
     )
     books = Books(tmp_path, name)
-    refit_state = books.dir / "trials" / "ce.kd.pgd" / "0" / "refit" / "state.pt"
+    refit_state = books.dir / "trials" / cell_folder("ce.kd.pgd") / "0" / "refit" / "state.pt"
 
     def refit_mid_way() -> bool:
         try:

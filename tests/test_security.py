@@ -120,9 +120,12 @@ def test_validate_warns_once_that_the_password_belongs_in_the_environment(
     d["storage"] |= {"optuna": OPTUNA, "mlflow_tracking_uri": MLFLOW}
     file = tmp_path / "s.yaml"
     file.write_text(yaml.safe_dump(d))
-    assert cli.main(["validate", str(file)]) == 0
+    # nothing listens on port 1: validate refuses the stores (preflight), after the warnings,
+    # and its refusal names them without their passwords too
+    assert cli.main(["validate", str(file)]) == 2
     out, err = capsys.readouterr()
     assert not _leaks(out + err), out + err
+    assert "allowed: a database server that answers" in err, err
     warnings = [ln for ln in err.splitlines() if "holds a password" in ln]
     assert len(warnings) == 2, err
     assert "$PGPASSWORD" in warnings[0] and "$KDSWEEP_OPTUNA" in warnings[0]

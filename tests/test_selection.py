@@ -12,6 +12,7 @@ import yaml
 from conftest import sweep_cli, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
+from sweep.config import cell_folder
 from sweep.selection import Candidate, best, rank
 from sweep.spec import Objective
 
@@ -94,7 +95,7 @@ def test_report_and_evaluate_name_the_same_best_run_of_every_cell(tmp_path):
     state = json.loads((tmp_path / "sweeps" / "pick" / "state.json").read_text())
     n_stopped = 0
     for cell in ("ce.kd.pgd", "none.ce.pgd"):
-        trials = tmp_path / "sweeps" / "pick" / "trials" / cell
+        trials = tmp_path / "sweeps" / "pick" / "trials" / cell_folder(cell)
         stopped = {
             int(d.name)
             for d in trials.iterdir()

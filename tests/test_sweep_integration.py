@@ -10,6 +10,7 @@ import yaml
 from conftest import sweep_cli, tiny_spec_dict
 from mlflow.tracking import MlflowClient
 
+from sweep.config import cell_folder
 from sweep.spec import parse_spec
 
 pytestmark = pytest.mark.integration
@@ -147,7 +148,7 @@ def test_tune_ran_one_experiment_and_every_trial_checkpointed(tiny_sweep):
     states = sorted(sweep_dir.glob("trials/*/*/state.pt"))
     assert len(states) == 8
     cells = parse_spec(yaml.safe_load((tmp_path / "tiny.yaml").read_text())).cells()
-    assert {p.parent.parent.name for p in states} == {c.key for c in cells}
+    assert {p.parent.parent.name for p in states} == {cell_folder(c.key) for c in cells}
 
 
 def test_same_file_and_seed_give_same_metrics_and_reuse_teachers(tiny_sweep):
