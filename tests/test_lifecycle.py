@@ -3,8 +3,7 @@
 A sweep name reused after its folder was deleted (the README's advice to start over) is another
 sweep in the same MLflow experiment: every query selects by the sweep's own id, so its report,
 status and Ctrl-C never see or touch the old sweep's runs. A driver that died (SIGKILL) leaves
-RUNNING records; `sweep status --fix` closes them, refusing while the driver may still run, and
-`sweep resume` still finishes the trial.
+RUNNING records; `sweep status --fix` closes them, refusing while the driver may still run.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ def test_a_name_reused_after_deletion_is_a_new_sweep_and_status_fix_closes_its_s
         tmp_path,
         name=name,
         teacher={"epochs": 1},
-        grid={"teacher_loss": ["ce"], "method": ["kd"], "train_attack": ["pgd"]},
-        budget={"trials_per_cell": 1, "epochs": 3, "grace_period": 3},
+        grid={"teacher_loss": ["ce"], "method": ["kd"], "train_attack": ["none"]},
+        budget={"trials_per_cell": 1, "epochs": 2, "grace_period": 2},
         evaluation={"attacks": ["fgsm"], "val_attack": "pgd3", "val_examples": 60},
     )
     path = tmp_path / f"{name}.yaml"
@@ -100,16 +99,17 @@ def test_a_name_reused_after_deletion_is_a_new_sweep_and_status_fix_closes_its_s
     # the first sweep's runs, same name and experiment, are left as they were
     assert {r.info.run_id: r.info.status for r in first.sweep_runs(name)} == first_runs
     storage_url = f"sqlite:///{sweep / 'optuna.db'}"
-    (trial,) = optuna.load_study(study_name=f"{name}/ce.kd.pgd", storage=storage_url).trials
+    (trial,) = optuna.load_study(study_name=f"{name}/ce.kd.none", storage=storage_url).trials
     assert trial.state.name == "FAIL" and trial.user_attrs["closed_because"] == "driver gone"
 
-    sweep_ok(tmp_path, "resume", name, *storage)
-    runs = second.sweep_runs(name, "student")
-    assert [r.info.status for r in runs] == ["FINISHED"]
+    # (that `sweep resume` then finishes a trial closed so: test_resume's SIGTERM test, whose
+    # errored trial is FAIL in Optuna the same way)
+    (run,) = second.sweep_runs(name, "student")
+    assert run.info.status == "KILLED"
     report = sweep_ok(tmp_path, "report", name, *storage)
-    assert "1 trials (1 finished)" in report, report
+    assert "1 trials (0 finished)" in report, report
     rows = pd.read_parquet(sweep / "report" / "trials.parquet")
-    assert list(rows["run_id"]) == [runs[0].info.run_id]  # the new sweep's only
+    assert list(rows["run_id"]) == [run.info.run_id]  # the new sweep's only
     status = sweep_ok(tmp_path, "status", name, *storage)
-    (row,) = [x.split() for x in status.splitlines() if x.startswith("ce.kd.pgd")]
-    assert row[1:6] == ["1", "0", "0", "0", "0"], status  # done, stopped, running, failed, todo
+    (row,) = [x.split() for x in status.splitlines() if x.startswith("ce.kd.none")]
+    assert row[1:6] == ["0", "0", "0", "1", "0"], status  # done, stopped, running, failed, todo
