@@ -101,13 +101,10 @@ def optuna_outage(e: BaseException) -> bool:
     return False
 
 
-def optuna_storage(
-    url: str, *, create: bool = True, wait: bool = True
-) -> optuna.storages.RDBStorage:
-    """The sweep's Optuna storage, patient through outages (`wait=False`: not, for a check
-    that a database is reachable before a sweep starts). A server
-    database gets `pool_pre_ping`: a connection that died while the database restarted is
-    replaced, not handed to a query."""
+def optuna_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage:
+    """The sweep's Optuna storage, patient through outages. A server database gets
+    `pool_pre_ping`: a connection that died while the database restarted is replaced, not
+    handed to a query."""
     kwargs: dict[str, Any] = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
 
     def open_it() -> optuna.storages.RDBStorage:
@@ -115,7 +112,5 @@ def optuna_storage(
             url, engine_kwargs=kwargs or None, skip_table_creation=not create
         )
 
-    if not wait:
-        return open_it()
     store = "the Optuna storage at " + redact(url)
     return patient_methods(patiently(open_it, store, optuna_outage), store, optuna_outage)

@@ -29,6 +29,7 @@ import optuna
 from . import selection
 from .credentials import redact
 from .layout import OpenedSweep, SweepLayout, open_sweep
+from .patience import optuna_storage
 from .progress import cell_trials
 from .spec import SweepSpec
 from .store import Store
@@ -213,7 +214,7 @@ def close_stale(opened: OpenedSweep, *, optuna_too: bool = True) -> tuple[list[s
     trials: list[str] = []
     if not optuna_too:
         return runs, trials
-    storage = optuna.storages.RDBStorage(opened.layout.optuna_url, skip_table_creation=True)
+    storage = optuna_storage(opened.layout.optuna_url, create=False)
     for cell, found in cell_trials(spec, opened.layout, create=False).items():
         stale = [t for t in found if t.state == optuna.trial.TrialState.RUNNING]
         if not stale:

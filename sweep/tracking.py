@@ -123,10 +123,10 @@ class Tracker:
         sweep checks its store so); after it, and always with the default, outages are waited
         out (patience.py)."""
         self.uri = tracking_uri = mlflow_client_uri(tracking_uri)  # no password in messages
-        self.client = MlflowClient(tracking_uri) if not wait_first else patient_client(tracking_uri)
+        patient = patient_client(tracking_uri)
+        self.client = patient if wait_first else MlflowClient(tracking_uri)
         self.experiment_id = self._experiment(experiment, artifact_root)
-        if not wait_first:
-            self.client = patient_client(tracking_uri)
+        self.client = patient
         self.sweep_id = sweep_id  # None: a sweep from before ids, selected by its name only
 
     @classmethod
